@@ -1,0 +1,152 @@
+"""`LoraConfig`: the hyper-parameters of one adapter, validated when built.
+
+Layer paths are the linen module path joined by ``/`` (``"layers_0/attn/query"``),
+the same path as the layer's entry in the params tree. A target entry is one of
+
+* a kind preset: ``"attention"``, ``"mlp"``, ``"embedding"``, ``"all-linear"``;
+* a regex, written ``"re:<regex>"`` (or a compiled ``re.Pattern``), which must
+  match the *whole* path;
+* a glob: ``*`` matches within one path segment, ``**`` across segments, ``?``
+  one character. A glob matches the whole path or any trailing run of segments,
+  so ``"query"`` selects every layer named ``query`` and ``"attn/*"`` every
+  layer directly inside a module named ``attn``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import re
+from typing import Union
+
+PRESETS = ("attention", "mlp", "embedding", "all-linear")
+INITS = ("default", "gaussian")
+
+Pattern = Union[str, "re.Pattern[str]"]
+
+
+@functools.lru_cache(maxsize=None)
+def _glob_to_regex(glob: str) -> str:
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "(?:.*/)?" + "".join(out)
+
+
+def compile_pattern(entry: Pattern, *, field: str = "targets") -> "re.Pattern[str]":
+    """Turns one target/exclude entry (glob, ``re:`` regex or compiled regex) into a regex.
+
+    Presets are not patterns; callers handle them first.
+
+    >>> bool(compile_pattern("attn/*").fullmatch("layers_0/attn/query"))
+    True
+    >>> bool(compile_pattern("re:layers_[01]/.*").fullmatch("layers_2/mlp/up"))
+    False
+    """
+    if isinstance(entry, re.Pattern):
+        return entry
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"LoraConfig.{field}: entries must be non-empty strings or re.Pattern, got {entry!r}")
+    if entry.startswith("re:"):
+        try:
+            return re.compile(entry[3:])
+        except re.error as err:
+            raise ValueError(f"LoraConfig.{field}: invalid regex {entry!r}: {err}") from None
+    return re.compile(_glob_to_regex(entry))
+
+
+def _as_tuple(value, field: str) -> tuple:
+    if isinstance(value, (str, re.Pattern)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"LoraConfig.{field} must be a string or a sequence of strings, got {value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Hyper-parameters of a LoRA adapter.
+
+    Args:
+      rank: the adapter rank ``r`` (positive int).
+      alpha: the scaling numerator; the delta is ``alpha / r * A @ B``
+        (``alpha / sqrt(r)`` with ``use_rslora``).
+      targets: which layers get adapters: presets, globs or ``"re:"`` regexes
+        (see the module docstring). Each entry must match at least one layer.
+      exclude: entries with the same syntax; matching layers are removed.
+      dropout: dropout rate on the adapter's input, applied only when an
+        ``"lora_dropout"`` rng is passed to the adapted apply function.
+      use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+      init: ``"default"`` (PEFT's: A kaiming-uniform, B zero; for embeddings A
+        zero, B normal) or ``"gaussian"`` (A normal with std ``1/r``, B zero).
+
+    >>> cfg = LoraConfig(rank=8, alpha=16, targets=("attention",))
+    >>> cfg.scaling("layers_0/attn/query")
+    2.0
+    >>> LoraConfig(rank=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: LoraConfig.rank must be a positive int, got 0
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[Pattern, ...] = ("all-linear",)
+    exclude: tuple[Pattern, ...] = ()
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank <= 0:
+            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real)
+                or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise ValueError(f"LoraConfig.alpha must be a positive finite number, got {self.alpha!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        for field in ("targets", "exclude"):
+            entries = _as_tuple(getattr(self, field), field)
+            for entry in entries:
+                if not (field == "targets" and entry in PRESETS):
+                    compile_pattern(entry, field=field)
+            object.__setattr__(self, field, entries)
+        if not self.targets:
+            raise ValueError("LoraConfig.targets must name at least one layer, preset or pattern, got ()")
+
+    def scaling(self, path: str, rank: int | None = None) -> float:
+        """The factor multiplying ``A @ B`` for the layer at ``path``.
+
+        ``rank`` defaults to ``self.rank``; the path is accepted so that
+        per-layer patterns can refine the result without changing callers.
+        """
+        del path
+        r = self.rank if rank is None else rank
+        return self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at ``path``."""
+        del path
+        return self.rank

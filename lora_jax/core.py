@@ -1,0 +1,146 @@
+"""The LoRA math on arrays: factored products, the materialised delta, merge.
+
+Shapes follow the Flax layout. A weight of shape ``lead + in_shape + out_shape``
+(``lead`` being stacked-layer axes from ``nn.scan``/``nn.vmap``) has an adapter
+``a`` of shape ``lead + in_shape + (r,)`` and ``b`` of shape
+``lead + (r,) + out_shape``; ``delta = scale * tensordot(a, b, 1)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Impl = Literal["fast", "plain"]
+IMPLS = ("fast", "plain")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lowrank_2d(x, a, b, scale, precision):
+    return jnp.matmul(jnp.matmul(x, a, precision=precision) * scale, b, precision=precision)
+
+
+def _lowrank_2d_fwd(x, a, b, scale, precision):
+    hs = jnp.matmul(x, a, precision=precision) * scale
+    return jnp.matmul(hs, b, precision=precision), (x, a, b, hs)
+
+
+def _lowrank_2d_bwd(scale, precision, residuals, g):
+    # Every product here is a plain 2-D matmul over (tokens, features) views, and
+    # the scale rides on the [tokens, r] side. On XLA:CPU the weight-side
+    # gradients of an N-D einsum make XLA copy transposed activation gradients;
+    # these 2-D forms do not.
+    x, a, b, hs = residuals
+    db = jnp.matmul(hs.T, g, precision=precision)
+    dh = jnp.matmul(g, b.T, precision=precision) * scale
+    da = jnp.matmul(x.T, dh, precision=precision)
+    dx = jnp.matmul(dh, a.T, precision=precision)
+    return dx, da, db
+
+
+_lowrank_2d.defvjp(_lowrank_2d_fwd, _lowrank_2d_bwd)
+
+
+def lowrank(x, a, b, scale: float, *, impl: Impl = "fast", precision=None):
+    """``scale * (x @ a) @ b`` without forming ``a @ b``.
+
+    Args:
+      x: ``[..., in]`` activations.
+      a: ``[in, r]``; b: ``[r, out]``. All three share one dtype.
+      scale: the LoRA scaling (a Python number).
+      impl: ``"fast"`` uses a custom VJP on 2-D ``(tokens, features)`` views;
+        ``"plain"`` is ordinary autodiff of the same product (the reference).
+      precision: passed to the matmuls.
+
+    Returns:
+      ``[..., out]``.
+
+    >>> x = jnp.ones((2, 3, 4)); a = jnp.ones((4, 2)); b = jnp.ones((2, 5))
+    >>> lowrank(x, a, b, 0.5).shape, float(lowrank(x, a, b, 0.5)[0, 0, 0])
+    ((2, 3, 5), 4.0)
+    """
+    if impl == "plain":
+        return jnp.matmul(jnp.matmul(x, a, precision=precision), b, precision=precision) * scale
+    if impl != "fast":
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    lead = x.shape[:-1]
+    y = _lowrank_2d(x.reshape(-1, x.shape[-1]), a, b, scale, precision)
+    return y.reshape(*lead, b.shape[-1])
+
+
+def split_shape(w_shape, a_shape, b_shape) -> tuple[tuple, tuple, tuple]:
+    """Splits a weight shape into ``(lead, in_shape, out_shape)`` given its adapter.
+
+    Raises ``ValueError`` if the three shapes are not a weight and its adapter.
+    """
+    w_shape, a_shape, b_shape = tuple(w_shape), tuple(a_shape), tuple(b_shape)
+    n_lead = len(a_shape) + len(b_shape) - 2 - len(w_shape)
+    ok = n_lead >= 0 and len(a_shape) >= n_lead + 2 and len(b_shape) >= n_lead + 2
+    if ok:
+        lead, n_in = w_shape[:n_lead], len(a_shape) - 1 - n_lead
+        in_shape, out_shape = w_shape[n_lead:n_lead + n_in], w_shape[n_lead + n_in:]
+        ok = (a_shape == lead + in_shape + a_shape[-1:]
+              and b_shape == lead + a_shape[-1:] + out_shape)
+    if not ok:
+        raise ValueError(f"adapter shapes a{list(a_shape)}, b{list(b_shape)} do not fit a weight of "
+                         f"shape {list(w_shape)} (expected a = lead+in+[r], b = lead+[r]+out)")
+    return lead, in_shape, out_shape
+
+
+def delta(a, b, scale: float, w_shape, *, dtype=jnp.float32):
+    """The materialised update ``scale * a @ b`` reshaped to ``w_shape``, in ``dtype``.
+
+    >>> a = jnp.ones((3, 4, 2)); b = jnp.ones((3, 2, 5))   # 3 stacked layers
+    >>> delta(a, b, 0.5, (3, 4, 5))[1, 0, 0]
+    Array(1., dtype=float32)
+    """
+    lead, in_shape, out_shape = split_shape(w_shape, a.shape, b.shape)
+    r = a.shape[-1]
+    a2 = a.astype(dtype).reshape(*lead, math.prod(in_shape), r)
+    b2 = b.astype(dtype).reshape(*lead, r, math.prod(out_shape))
+    d = jnp.matmul(a2 * jnp.asarray(scale, dtype), b2, precision=jax.lax.Precision.HIGHEST)
+    return d.reshape(tuple(w_shape))
+
+
+def merge_weight(w, a, b, scale: float):
+    """``w + scale * a @ b``, computed in float32 and cast back to ``w.dtype``."""
+    return (w.astype(jnp.float32) + delta(a, b, scale, w.shape)).astype(w.dtype)
+
+
+def unmerge_weight(w, a, b, scale: float):
+    """``w - scale * a @ b``, computed in float32 and cast back to ``w.dtype``."""
+    return (w.astype(jnp.float32) - delta(a, b, scale, w.shape)).astype(w.dtype)
+
+
+def kaiming_uniform(key, shape, dtype, fan_in: int):
+    """Uniform on ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``.
+
+    This is PyTorch's ``kaiming_uniform_(a=sqrt(5))``, which PEFT applies to
+    ``lora_A``: gain ``sqrt(2 / (1 + 5))`` times ``sqrt(3 / fan_in)``.
+    """
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def init_factors(key, init: str, kind: str, lead, in_shape, out_shape, rank: int, dtype):
+    """Initial ``(a, b)`` for one layer, so that ``a @ b == 0`` (the model is unchanged).
+
+    PEFT's conventions: Dense-like layers get A kaiming-uniform (per stacked
+    layer, fan-in ``prod(in_shape)``) and B zero; embeddings the other way
+    round, A zero and B standard normal. ``"gaussian"`` draws A from
+    ``N(0, 1/r^2)`` instead (embeddings unchanged).
+    """
+    a_shape = tuple(lead) + tuple(in_shape) + (rank,)
+    b_shape = tuple(lead) + (rank,) + tuple(out_shape)
+    if kind == "embed":
+        return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
+    if init == "gaussian":
+        a = jax.random.normal(key, a_shape, dtype) / rank
+    else:
+        a = kaiming_uniform(key, a_shape, dtype, math.prod(in_shape))
+    return a, jnp.zeros(b_shape, dtype)

@@ -1,0 +1,414 @@
+"""LoRA for ``flax.linen`` modules, by method interception.
+
+The adapters live in their own variable collection, ``"lora"``, whose tree
+mirrors the ``"params"`` tree: the adapter of the layer at ``layers_0/attn/query``
+is ``lora["layers_0"]["attn"]["query"] == {"a": ..., "b": ...}``. While the
+adapted apply function runs, ``flax.linen.intercept_methods`` wraps every
+``Dense``/``DenseGeneral``/``Einsum``/``Conv``/``Embed`` call: when the layer
+has an adapter in the ``"lora"`` collection, the low-rank term is added to the
+layer's output. Lifted transforms see the collection like any other:
+``nn.scan``/``nn.vmap`` must map it along the layer axis
+(``variable_axes={"params": 0, "lora": 0}``, or ``{True: 0}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import zlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as flax_dtypes
+
+from lora_jax import core
+from lora_jax.config import LoraConfig
+from lora_jax.targets import HEAD_NAMES, LINEAR_KINDS, Layer, select
+from lora_jax.tree import adapter_paths, get_path, set_path
+
+COLLECTION = "lora"
+DROPOUT_RNG = "lora_dropout"
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _passthrough():
+    """Module calls made while computing an adapter term are not intercepted."""
+    _local.busy = getattr(_local, "busy", 0) + 1
+    try:
+        yield
+    finally:
+        _local.busy -= 1
+
+
+def _promote(module, *arrays):
+    promote = getattr(module, "promote_dtype", flax_dtypes.promote_dtype)
+    return promote(*arrays, dtype=module.dtype)
+
+
+def _first_arg(args, kwargs, name):
+    return args[0] if args else kwargs[name]
+
+
+class _Call:
+    """What a kind handler needs to compute one adapter term."""
+
+    def __init__(self, module, method, args, kwargs, a, b, scale, impl, drop):
+        self.module, self.method, self.args, self.kwargs = module, method, args, kwargs
+        self.a, self.b, self.scale, self.impl, self.drop = a, b, scale, impl, drop
+
+    def lowrank(self, x, a, b):
+        precision = getattr(self.module, "precision", None)
+        return core.lowrank(x, a, b, self.scale, impl=self.impl, precision=precision)
+
+
+# ---- per-kind handlers: shapes(module, weight_shape, args, kwargs) -> (in, out) and term(call)
+
+def _dense_shapes(module, w_shape, args, kwargs):
+    return w_shape[:1], w_shape[1:]
+
+
+def _dense_term(c: _Call):
+    x, a, b = _promote(c.module, c.drop(_first_arg(c.args, c.kwargs, "inputs")), c.a, c.b)
+    return c.lowrank(x, a, b)
+
+
+def _dense_general_axes(module, ndim):
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    return tuple(sorted(ax % ndim for ax in axis))
+
+
+def _dense_general_shapes(module, w_shape, args, kwargs):
+    if module.batch_dims not in ((), None):
+        raise NotImplementedError(f"DenseGeneral with batch_dims={module.batch_dims!r} is not supported")
+    x = _first_arg(args, kwargs, "inputs")
+    n_axis = len(_dense_general_axes(module, x.ndim))
+    return w_shape[:n_axis], w_shape[n_axis:]
+
+
+def _dense_general_term(c: _Call):
+    x = c.drop(_first_arg(c.args, c.kwargs, "inputs"))
+    axis = _dense_general_axes(c.module, x.ndim)
+    free = tuple(d for d in range(x.ndim) if d not in axis)
+    x = jnp.transpose(x, free + axis) if free + axis != tuple(range(x.ndim)) else x
+    free_shape = x.shape[:len(free)]
+    x, a, b = _promote(c.module, x.reshape(*free_shape, -1), c.a, c.b)
+    r = a.shape[-1]
+    y = c.lowrank(x, a.reshape(-1, r), b.reshape(r, -1))
+    return y.reshape(*free_shape, *c.b.shape[1:])
+
+
+def _einsum_spec(module, args, kwargs):
+    spec = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    spec = spec.replace(" ", "")
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    return lhs, rhs, out
+
+
+def _einsum_shapes(module, w_shape, args, kwargs):
+    lhs, rhs, out = _einsum_spec(module, args, kwargs)
+    if "." in lhs + rhs + out:
+        raise NotImplementedError("Einsum with '...' is not supported")
+    contracted = "".join(label for label in rhs if label not in out)
+    kept = "".join(label for label in rhs if label in out)
+    if any(label in lhs for label in kept):
+        raise NotImplementedError(f"Einsum {lhs},{rhs}->{out}: kernel dims shared by input and output")
+    if rhs != contracted + kept:
+        raise NotImplementedError(f"Einsum {lhs},{rhs}->{out}: the kernel's contracted dims must come "
+                                  f"before its output dims (kernel '{rhs}', expected '{contracted + kept}')")
+    return w_shape[:len(contracted)], w_shape[len(contracted):]
+
+
+def _einsum_term(c: _Call):
+    lhs, rhs, out = _einsum_spec(c.module, c.args, c.kwargs)
+    x, a, b = _promote(c.module, c.drop(_first_arg(c.args, c.kwargs, "inputs")), c.a, c.b)
+    contracted = "".join(label for label in rhs if label not in out)
+    kept_out = rhs[len(contracted):]
+    free = "".join(label for label in lhs if label not in contracted)
+    if sorted(free + kept_out) == sorted(out) and all(label in out for label in free):
+        # A pure projection: route it through the 2-D factored path.
+        order = tuple(lhs.index(label) for label in free + contracted)
+        xt = jnp.transpose(x, order).reshape(*(x.shape[lhs.index(label)] for label in free), -1)
+        r = a.shape[-1]
+        y = c.lowrank(xt, a.reshape(-1, r), b.reshape(r, -1)).reshape(*xt.shape[:-1], *b.shape[1:])
+        cur = free + kept_out
+        return jnp.transpose(y, tuple(cur.index(label) for label in out))
+    rank = next(ch for ch in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if ch not in lhs + rhs + out)
+    kept_free = "".join(label for label in free if label in out)
+    h = jnp.einsum(f"{lhs},{contracted}{rank}->{kept_free}{rank}", x, a)
+    return jnp.einsum(f"{kept_free}{rank},{rank}{kept_out}->{out}", h, b) * c.scale
+
+
+def _conv_shapes(module, w_shape, args, kwargs):
+    if module.feature_group_count != 1:
+        raise NotImplementedError(f"Conv with feature_group_count={module.feature_group_count} is not supported")
+    if module.mask is not None:
+        raise NotImplementedError("Conv with a kernel mask is not supported")
+    return w_shape[:-1], w_shape[-1:]
+
+
+def _conv_term(c: _Call):
+    x, a, b = _promote(c.module, c.drop(_first_arg(c.args, c.kwargs, "inputs")), c.a, c.b)
+    # A is a convolution with the base layer's own geometry (strides, padding,
+    # dilation) and r output channels; B is a 1x1 projection to the outputs.
+    a_conv = c.module.clone(parent=None, features=a.shape[-1], use_bias=False)
+    with _passthrough():
+        h = a_conv.apply({"params": {"kernel": a}}, x)
+    return jnp.matmul(h * c.scale, b, precision=c.module.precision)
+
+
+def _embed_shapes(module, w_shape, args, kwargs):
+    return w_shape[:1], w_shape[1:]
+
+
+def _embed_lookup_term(c: _Call):
+    a, b = _promote(c.module, c.a, c.b)
+    h = jnp.take(a, _first_arg(c.args, c.kwargs, "inputs"), axis=0)
+    return jnp.matmul(h * c.scale, b)
+
+
+def _embed_attend_term(c: _Call):
+    # query @ (scale * A @ B).T == scale * (query @ B.T) @ A.T
+    q, a, b = _promote(c.module, _first_arg(c.args, c.kwargs, "query"), c.a, c.b)
+    return c.lowrank(q, b.T, a.T)
+
+
+class _Kind:
+    def __init__(self, name, weight, shapes, **terms):
+        self.name, self.weight, self.shapes, self.terms = name, weight, shapes, terms
+
+
+# Order matters: the first class in a module's MRO that is listed decides its kind.
+KINDS: dict[type, _Kind] = {
+    nn.Dense: _Kind("dense", "kernel", _dense_shapes, __call__=_dense_term),
+    nn.DenseGeneral: _Kind("dense_general", "kernel", _dense_general_shapes, __call__=_dense_general_term),
+    nn.Einsum: _Kind("einsum", "kernel", _einsum_shapes, __call__=_einsum_term),
+    nn.Conv: _Kind("conv", "kernel", _conv_shapes, __call__=_conv_term),
+    nn.Embed: _Kind("embed", "embedding", _embed_shapes, __call__=_embed_lookup_term,
+                    attend=_embed_attend_term),
+}
+
+
+def _kind_of(module) -> _Kind | None:
+    for cls in type(module).__mro__:
+        if cls in KINDS:
+            return KINDS[cls]
+    return None
+
+
+def _handled(context) -> _Kind | None:
+    if getattr(_local, "busy", 0):
+        return None
+    kind = _kind_of(context.module)
+    return kind if kind is not None and context.method_name in kind.terms else None
+
+
+def _name(path) -> str:
+    return "/".join(path)
+
+
+# ---- discovery
+
+def _context(module) -> tuple[str, ...]:
+    names = [p.lower() for p in module.path[:-1]]
+    parent = module.parent
+    while isinstance(parent, nn.Module):
+        names.append(type(parent).__name__.lower())
+        parent = parent.parent
+    return tuple(names)
+
+
+def _record(records, base_params, kind, module, args, kwargs, output):
+    path = tuple(module.path)
+    if path in records:
+        return
+    w_seen = module.get_variable("params", kind.weight).shape
+    try:
+        w_full = get_path(base_params, path + (kind.weight,)).shape
+    except KeyError:
+        raise ValueError(f"layer {_name(path)!r}: no '{kind.weight}' at this path of base_params") from None
+    n_lead = len(w_full) - len(w_seen)
+    unsupported = ""
+    if n_lead < 0 or tuple(w_full[n_lead:]) != tuple(w_seen):
+        unsupported = (f"its weight {list(w_full)} is stacked along a non-leading axis "
+                       f"(one layer sees {list(w_seen)})")
+    try:
+        in_shape, out_shape = kind.shapes(module, tuple(w_seen), args, kwargs)
+    except NotImplementedError as err:
+        unsupported, in_shape, out_shape = str(err), tuple(w_seen), ()
+    records[path] = (Layer(path=path, kind=kind.name, lead=tuple(w_full[:max(n_lead, 0)]),
+                           in_shape=tuple(in_shape), out_shape=tuple(out_shape), weight=kind.weight,
+                           context=_context(module), unsupported=unsupported), output)
+
+
+def find_layers(module: nn.Module, base_params, *args, extra_variables=None, rngs=None, **kwargs) -> list[Layer]:
+    """Every adaptable layer the module calls on ``args``, in call order.
+
+    Runs ``module.apply`` abstractly (``jax.eval_shape``: no FLOPs, no memory).
+
+    >>> import flax.linen as nn
+    >>> model = nn.Dense(3)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> [(l.name, l.kind, l.in_shape, l.out_shape) for l in find_layers(model, params, jnp.ones((1, 4)))]
+    [('', 'dense', (4,), (3,))]
+    """
+    records: dict = {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        kind = _handled(context)
+        out = next_fun(*call_args, **call_kwargs)
+        if kind is not None:
+            _record(records, base_params, kind, context.module, call_args, call_kwargs, out)
+        return out
+
+    def run(params):
+        with nn.intercept_methods(interceptor):
+            out = module.apply({"params": params, **(extra_variables or {})}, *args, rngs=rngs, **kwargs)
+        leaves = jax.tree.leaves(out)
+        return [path for path, (_, o) in records.items() if any(o is leaf for leaf in leaves)]
+
+    head_paths = set()
+    jax.eval_shape(lambda p: head_paths.update(run(p)), base_params)
+    layers = []
+    for path, (layer, _) in records.items():
+        head = layer.kind in LINEAR_KINDS and (path in head_paths or (path and path[-1].lower() in HEAD_NAMES))
+        layers.append(layer if not head else Layer(**{**layer.__dict__, "is_head": True}))
+    return layers
+
+
+def init_lora(config: LoraConfig, module: nn.Module, base_params, *args, rng,
+              dtype=jnp.float32, extra_variables=None, rngs=None, **kwargs) -> dict:
+    """Creates the LoRA tree for the layers ``config`` targets.
+
+    The module is traced abstractly on ``args``/``kwargs`` to find its layers.
+    Adapters of stacked layers (``nn.scan``) get the stacking axes in front.
+    Each layer's key is ``fold_in(rng, crc32(path))``, so an adapter's initial
+    value does not depend on which other layers are targeted.
+
+    Args:
+      config: the adapter's hyper-parameters.
+      module: the linen module; base_params: its ``"params"`` collection.
+      *args, **kwargs: example inputs, as for ``module.apply``.
+      rng: a ``jax.random`` key.
+      dtype: the adapters' dtype (float32 by default, as PEFT upcasts).
+      extra_variables: other collections the module needs (e.g. ``batch_stats``).
+      rngs: rngs the module's own apply needs.
+
+    Returns:
+      ``{path...: {"a": [..., in, r], "b": [..., r, out]}}`` mirroring ``base_params``.
+
+    >>> import flax.linen as nn
+    >>> model = nn.Dense(6)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> lora = init_lora(LoraConfig(rank=2, targets="re:.*"), model, params, jnp.ones((1, 4)),
+    ...                  rng=jax.random.key(1))
+    >>> jax.tree.map(jnp.shape, lora)
+    {'a': (4, 2), 'b': (2, 6)}
+    """
+    layers = find_layers(module, base_params, *args, extra_variables=extra_variables, rngs=rngs, **kwargs)
+    lora: dict = {}
+    for layer in select(config, layers):
+        key = jax.random.fold_in(rng, zlib.crc32(layer.name.encode()))
+        a, b = core.init_factors(key, config.init, layer.kind, layer.lead, layer.in_shape,
+                                 layer.out_shape, config.rank_for(layer.name), dtype)
+        lora = set_path(lora, layer.path, {"a": a, "b": b})
+    return lora
+
+
+# ---- the adapted apply
+
+def _dropout(module, rate):
+    if rate == 0.0 or module.scope is None or not module.scope.has_rng(DROPOUT_RNG):
+        return lambda x: x
+    key = module.make_rng(DROPOUT_RNG)
+
+    def drop(x):
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+    return drop
+
+
+def _adapter_term(config, impl, kind, context, args, kwargs):
+    module = context.module
+    a, b = module.get_variable(COLLECTION, "a"), module.get_variable(COLLECTION, "b")
+    name = _name(module.path)
+    w = module.get_variable("params", kind.weight)
+    in_shape, out_shape = kind.shapes(module, tuple(w.shape), args, kwargs)
+    r = a.shape[-1]
+    if tuple(a.shape) != (*in_shape, r) or tuple(b.shape) != (r, *out_shape):
+        raise ValueError(f"layer {name!r}: adapter a{list(a.shape)}, b{list(b.shape)} does not fit its "
+                         f"{kind.weight} {list(w.shape)}; expected a {list(in_shape) + [r]}, "
+                         f"b {[r] + list(out_shape)} (stacked layers: is 'lora' mapped by nn.scan/nn.vmap?)")
+    drop = _dropout(module, config.dropout) if kind.name != "embed" else (lambda x: x)
+    call = _Call(module, context.method_name, args, kwargs, a, b, config.scaling(name, r), impl, drop)
+    with _passthrough():
+        return kind.terms[context.method_name](call)
+
+
+def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast",
+               check_unused: bool = True) -> Callable[..., Any]:
+    """Makes ``apply(base_params, lora_params, *args, **kwargs)`` for ``module`` with adapters.
+
+    The returned function runs ``module.apply`` and adds ``scale * (x @ A) @ B``
+    at every layer that has an adapter in ``lora_params``. ``lora_params=None``
+    runs the base model. It composes with ``jax.jit``, ``jax.grad``,
+    ``jax.vmap``, ``jax.checkpoint``/``nn.remat`` and ``nn.scan`` (map the
+    ``"lora"`` collection along the layer axis).
+
+    Args:
+      module: the linen module.
+      config: the adapters' config (scaling, dropout).
+      impl: ``"fast"`` (custom VJP on 2-D views; the default) or ``"plain"``
+        (ordinary autodiff, kept as the reference).
+      check_unused: raise if an adapter in ``lora_params`` was never applied
+        (a typo in a path, or an ``nn.scan`` that does not map ``"lora"``).
+
+    The apply function also takes ``rngs``, ``method``, ``mutable`` (as
+    ``module.apply``) and ``extra_variables`` (other collections). Dropout on
+    the adapter input is active only when ``rngs`` holds a ``"lora_dropout"`` key.
+
+    >>> import flax.linen as nn
+    >>> model, x = nn.Dense(6), jnp.ones((1, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> cfg = LoraConfig(rank=2, targets="re:.*")
+    >>> lora = init_lora(cfg, model, params, x, rng=jax.random.key(1))
+    >>> apply = lora_apply(model, cfg)
+    >>> bool(jnp.array_equal(apply(params, lora, x), model.apply({"params": params}, x)))
+    True
+    """
+    if impl not in core.IMPLS:
+        raise ValueError(f"impl must be one of {core.IMPLS}, got {impl!r}")
+
+    def apply(base_params, lora_params, *args, rngs=None, method=None, mutable=False,
+              extra_variables=None, **kwargs):
+        variables = {"params": base_params, **(extra_variables or {})}
+        if lora_params is not None:
+            variables[COLLECTION] = lora_params
+        used = set()
+
+        def interceptor(next_fun, call_args, call_kwargs, context):
+            kind = _handled(context)
+            if kind is None or not context.module.has_variable(COLLECTION, "a"):
+                return next_fun(*call_args, **call_kwargs)
+            used.add(tuple(context.module.path))
+            y = next_fun(*call_args, **call_kwargs)
+            return y + _adapter_term(config, impl, kind, context, call_args, call_kwargs).astype(y.dtype)
+
+        with nn.intercept_methods(interceptor):
+            out = module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
+        if check_unused and lora_params is not None:
+            unused = sorted(set(adapter_paths(lora_params)) - used)
+            if unused:
+                raise ValueError(
+                    "adapters never applied: " + ", ".join(map(repr, map(_name, unused)))
+                    + ". The module did not call these layers, or an nn.scan/nn.vmap does not map the "
+                    "'lora' collection (use variable_axes={'params': 0, 'lora': 0}). "
+                    "Pass check_unused=False to lora_apply if this is intended.")
+        return out
+
+    return apply

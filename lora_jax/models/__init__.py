@@ -1,0 +1,1 @@
+"""Reference model architectures (Flax linen) whose module paths mirror Hugging Face."""

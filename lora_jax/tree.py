@@ -1,0 +1,135 @@
+"""Whole-tree operations: find adapters, merge them into the base, unmerge, count.
+
+A LoRA tree mirrors the base params tree; an *adapter node* is a dict holding
+arrays ``"a"`` and ``"b"`` at the path of the layer it adapts. These functions
+never import a front end: they work on the trees alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from lora_jax import core
+from lora_jax.config import LoraConfig
+
+WEIGHT_NAMES = ("kernel", "embedding")
+
+
+def _is_adapter(node) -> bool:
+    return (isinstance(node, Mapping) and "a" in node and "b" in node
+            and not isinstance(node["a"], Mapping) and not isinstance(node["b"], Mapping))
+
+
+def adapters(lora_params) -> dict[tuple[str, ...], Mapping]:
+    """``{path: {"a": ..., "b": ...}}`` for every adapter node, in tree order.
+
+    >>> adapters({"blk": {"q": {"a": 1, "b": 2}}})
+    {('blk', 'q'): {'a': 1, 'b': 2}}
+    """
+    found = {}
+
+    def walk(node, path):
+        if _is_adapter(node):
+            found[path] = node
+        elif isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, path + (str(key),))
+
+    walk(lora_params, ())
+    return found
+
+
+def adapter_paths(lora_params) -> list[tuple[str, ...]]:
+    """The paths of all adapter nodes."""
+    return list(adapters(lora_params))
+
+
+def get_path(tree, path):
+    """``tree[path[0]][path[1]]...``; raises ``KeyError`` naming the missing path."""
+    node = tree
+    for i, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError("/".join(path[:i + 1]))
+        node = node[key]
+    return node
+
+
+def set_path(tree, path, value) -> dict:
+    """A copy of ``tree`` with ``value`` at ``path``; only the dicts along the path are new.
+
+    >>> set_path({"x": {"y": 1}}, ("x", "z"), 2)
+    {'x': {'y': 1, 'z': 2}}
+    """
+    if not path:
+        return value
+    new = dict(tree) if isinstance(tree, Mapping) else {}
+    new[path[0]] = set_path(new.get(path[0], {}), path[1:], value)
+    return new
+
+
+def _weight_name(base_node, path) -> str:
+    for name in WEIGHT_NAMES:
+        if isinstance(base_node, Mapping) and name in base_node:
+            return name
+    raise ValueError(f"layer {'/'.join(path)!r}: base params have no {' or '.join(WEIGHT_NAMES)} here "
+                     f"(found {sorted(base_node) if isinstance(base_node, Mapping) else type(base_node).__name__})")
+
+
+def _fold(base_params, lora_params, config: LoraConfig, fn: Callable) -> dict:
+    out = base_params
+    for path, node in adapters(lora_params).items():
+        name = "/".join(path)
+        try:
+            base_node = get_path(base_params, path)
+        except KeyError as err:
+            raise ValueError(f"adapter {name!r} has no layer in base params (missing {err.args[0]!r})") from None
+        weight = _weight_name(base_node, path)
+        w, a, b = base_node[weight], node["a"], node["b"]
+        try:
+            core.split_shape(w.shape, a.shape, b.shape)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
+        out = set_path(out, path + (weight,), fn(w, a, b, config.scaling(name, a.shape[-1])))
+    return out
+
+
+def merge(base_params, lora_params, config: LoraConfig) -> dict:
+    """Folds every adapter into its weight: ``W + scale * A @ B`` (float32, cast back).
+
+    The result is a plain params tree for the unmodified module.
+
+    >>> import jax.numpy as jnp
+    >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
+    >>> lora = {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}
+    >>> merge(base, lora, LoraConfig(rank=2, alpha=4))["q"]["kernel"][0]
+    Array([4., 4., 4.], dtype=float32)
+    """
+    return _fold(base_params, lora_params, config, core.merge_weight)
+
+
+def unmerge(merged_params, lora_params, config: LoraConfig) -> dict:
+    """Inverse of :func:`merge`: ``W - scale * A @ B`` (float32, cast back).
+
+    Exact up to one rounding of ``W + delta`` to the weight's dtype.
+
+    >>> import jax.numpy as jnp
+    >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
+    >>> lora = {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}
+    >>> cfg = LoraConfig(rank=2)
+    >>> unmerge(merge(base, lora, cfg), lora, cfg)["q"]["kernel"][0]
+    Array([0., 0., 0.], dtype=float32)
+    """
+    return _fold(merged_params, lora_params, config, core.unmerge_weight)
+
+
+def count_params(tree: Any) -> int:
+    """The number of scalars in a pytree of arrays (or of ``jax.ShapeDtypeStruct``).
+
+    >>> count_params({"a": np.zeros((3, 4)), "b": [np.zeros(5)]})
+    17
+    """
+    return int(sum(np.prod(getattr(leaf, "shape", np.shape(leaf)), dtype=np.int64) for leaf in jax.tree.leaves(tree)))

@@ -1,0 +1,23 @@
+"""Shared test settings: hypothesis profiles, JAX strictness, tolerances.
+
+Profiles: ``default`` (sized for a 2-core CI run), ``thorough`` (for a long
+local run: ``pytest --hypothesis-profile=thorough``).
+"""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile("default", max_examples=15, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
