@@ -9,7 +9,7 @@ alone, and ``merge``/``unmerge`` fold them into (and out of) the base weights.
 from lora_jax import backend, core, optim, reference
 from lora_jax.config import LoraConfig
 from lora_jax.linen import find_layers, init_lora, lora_apply
-from lora_jax.summary import Summary, summary
+from lora_jax.report import Summary, summary
 from lora_jax.targets import Layer, select
 from lora_jax.train import make_train_step
 from lora_jax.tree import adapter_paths, adapters, count_params, merge, unmerge

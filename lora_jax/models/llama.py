@@ -56,14 +56,14 @@ class RMSNorm(nn.Module):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (weight.astype(jnp.float32) * y).astype(x.dtype)
+        return (jnp.expand_dims(weight.astype(jnp.float32), tuple(range(y.ndim - 1))) * y).astype(x.dtype)
 
 
 def rotary(x, positions, theta: float):
     """Rotary embedding in the rotate-half layout; ``x``: ``[batch, seq, heads, head_dim]``."""
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, half]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [batch, seq, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)

@@ -1,0 +1,51 @@
+"""Runs the benchmarks: ``python -m bench [--quick | --full] [--only NAME]``.
+
+Each benchmark writes ``bench/results/<name>.json``; ``bench/results/README.md``
+is rebuilt from all the JSON files there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+# name -> module under bench/; each has NAME, TITLE and run(mode) -> dict.
+BENCHMARKS = {"train_step": "bench.train_step"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description="Run the lora_jax benchmarks; results go to bench/results/.")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="few repeats (the default)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full", help="more repeats")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
+    parser.set_defaults(mode="quick")
+    args = parser.parse_args(argv)
+
+    from bench import common  # imports jax; after argparse so --help stays fast
+
+    hdr = common.header()
+    common.log(f"bench ({args.mode}): {hdr['cpu']}, {hdr['cpu_cores']} cores; jax {hdr['jax']} on "
+               f"{hdr['backend']} ({hdr['device_kind']})")
+    names = [args.only] if args.only else list(BENCHMARKS)
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        start = time.perf_counter()
+        common.log(f"== {name}: {module.TITLE}")
+        result = module.run(args.mode)
+        path = common.save(name, {**result, "wall_s": time.perf_counter() - start}, hdr)
+        common.log(f"== {name} done in {time.perf_counter() - start:.1f}s -> {path}")
+        for table in result.get("tables", []):
+            print(f"\n{name}: {table['title']}\n" + common.markdown_table(table["columns"], table["rows"]))
+        for note in result.get("notes", []):
+            print(f"- {note}")
+    print(f"\nwrote {common.RESULTS / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
