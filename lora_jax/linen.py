@@ -322,7 +322,7 @@ def init_lora(config: LoraConfig, module: nn.Module, base_params, *args, rng,
 # ---- the adapted apply
 
 def _dropout(module, rate):
-    if rate == 0.0 or module.scope is None or not module.scope.has_rng(DROPOUT_RNG):
+    if rate == 0.0 or not module.has_rng(DROPOUT_RNG):
         return lambda x: x
     key = module.make_rng(DROPOUT_RNG)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import jax
 import optax
 
-from lora_jax.tree import _is_adapter
+from lora_jax.tree import is_adapter_node
 
 
 def adapter_mask(tree):
@@ -27,7 +27,7 @@ def adapter_mask(tree):
     """
     def walk(node, inside):
         if isinstance(node, Mapping):
-            inside = inside or _is_adapter(node)
+            inside = inside or is_adapter_node(node)
             return {key: walk(child, inside) for key, child in node.items()}
         return jax.tree.map(lambda _: inside, node)
 

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import _weight_name, adapters, count_params, get_path
+from lora_jax.tree import weight_name, adapters, count_params, get_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def summary(base_params, lora_params, config: LoraConfig | None = None, *,
     for path, node in adapters(lora_params).items():
         name = "/".join(path)
         base_node = get_path(base_params, path)
-        w = base_node[_weight_name(base_node, path)]
+        w = base_node[weight_name(base_node, path)]
         a, b = node["a"], node["b"]
         rank = int(np.shape(a)[-1])
         rows.append(SummaryRow(name, tuple(np.shape(w)), tuple(np.shape(a)), tuple(np.shape(b)), rank,

@@ -19,7 +19,8 @@ from lora_jax.config import LoraConfig
 WEIGHT_NAMES = ("kernel", "embedding")
 
 
-def _is_adapter(node) -> bool:
+def is_adapter_node(node) -> bool:
+    """Whether ``node`` is an adapter: a dict holding arrays ``"a"`` and ``"b"``."""
     return (isinstance(node, Mapping) and "a" in node and "b" in node
             and not isinstance(node["a"], Mapping) and not isinstance(node["b"], Mapping))
 
@@ -33,7 +34,7 @@ def adapters(lora_params) -> dict[tuple[str, ...], Mapping]:
     found = {}
 
     def walk(node, path):
-        if _is_adapter(node):
+        if is_adapter_node(node):
             found[path] = node
         elif isinstance(node, Mapping):
             for key, child in node.items():
@@ -71,7 +72,8 @@ def set_path(tree, path, value) -> dict:
     return new
 
 
-def _weight_name(base_node, path) -> str:
+def weight_name(base_node, path) -> str:
+    """The weight leaf (``"kernel"`` or ``"embedding"``) of the base layer at ``path``; raises if none."""
     for name in WEIGHT_NAMES:
         if isinstance(base_node, Mapping) and name in base_node:
             return name
@@ -87,7 +89,7 @@ def _fold(base_params, lora_params, config: LoraConfig, fn: Callable) -> dict:
             base_node = get_path(base_params, path)
         except KeyError as err:
             raise ValueError(f"adapter {name!r} has no layer in base params (missing {err.args[0]!r})") from None
-        weight = _weight_name(base_node, path)
+        weight = weight_name(base_node, path)
         w, a, b = base_node[weight], node["a"], node["b"]
         try:
             core.split_shape(w.shape, a.shape, b.shape)
