@@ -19,6 +19,7 @@ import functools
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from typing import Union
 
 PRESETS = ("attention", "mlp", "embedding", "all-linear")
@@ -93,10 +94,18 @@ class LoraConfig:
       use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
       init: ``"default"`` (PEFT's: A kaiming-uniform, B zero; for embeddings A
         zero, B normal) or ``"gaussian"`` (A normal with std ``1/r``, B zero).
+      rank_pattern: ``{pattern: rank}`` (or a sequence of pairs) overriding
+        ``rank`` for the layers a pattern matches; patterns use the ``targets``
+        syntax and the first matching entry wins, as in PEFT. Each pattern
+        must match at least one adapted layer.
+      alpha_pattern: ``{pattern: alpha}``, the same for ``alpha``.
 
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=("attention",))
     >>> cfg.scaling("layers_0/attn/query")
     2.0
+    >>> cfg = LoraConfig(rank=8, alpha=16, rank_pattern={"layers_0/**": 4})
+    >>> cfg.rank_for("layers_0/attn/query"), cfg.scaling("layers_0/attn/query")
+    (4, 4.0)
     >>> LoraConfig(rank=0)
     Traceback (most recent call last):
     ...
@@ -110,13 +119,15 @@ class LoraConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "default"
+    rank_pattern: tuple[tuple[Pattern, int], ...] = ()
+    alpha_pattern: tuple[tuple[Pattern, float], ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank <= 0:
-            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real)
-                or not math.isfinite(self.alpha) or self.alpha <= 0):
-            raise ValueError(f"LoraConfig.alpha must be a positive finite number, got {self.alpha!r}")
+        for field, check in (("rank", _positive_int), ("alpha", _positive_float)):
+            try:
+                object.__setattr__(self, field, check(getattr(self, field)))
+            except ValueError as err:
+                raise ValueError(f"LoraConfig.{field} {err}") from None
         if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
                 or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
@@ -124,8 +135,6 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-        object.__setattr__(self, "rank", int(self.rank))
-        object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
         for field in ("targets", "exclude"):
             entries = _as_tuple(getattr(self, field), field)
@@ -133,20 +142,63 @@ class LoraConfig:
                 if not (field == "targets" and entry in PRESETS):
                     compile_pattern(entry, field=field)
             object.__setattr__(self, field, entries)
+        object.__setattr__(self, "rank_pattern", _pattern_table(self.rank_pattern, "rank_pattern", _positive_int))
+        object.__setattr__(self, "alpha_pattern",
+                           _pattern_table(self.alpha_pattern, "alpha_pattern", _positive_float))
         if not self.targets:
             raise ValueError("LoraConfig.targets must name at least one layer, preset or pattern, got ()")
 
     def scaling(self, path: str, rank: int | None = None) -> float:
         """The factor multiplying ``A @ B`` for the layer at ``path``.
 
-        ``rank`` defaults to ``self.rank``; the path is accepted so that
-        per-layer patterns can refine the result without changing callers.
+        ``rank`` defaults to :meth:`rank_for`; alpha comes from :meth:`alpha_for`.
         """
-        del path
-        r = self.rank if rank is None else rank
-        return self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r
+        r = self.rank_for(path) if rank is None else rank
+        alpha = self.alpha_for(path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def rank_for(self, path: str) -> int:
-        """The rank of the adapter at ``path``."""
-        del path
-        return self.rank
+        """The rank of the adapter at ``path``: the first ``rank_pattern`` match, else ``rank``."""
+        return _lookup(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the adapter at ``path``: the first ``alpha_pattern`` match, else ``alpha``."""
+        return _lookup(self.alpha_pattern, path, self.alpha)
+
+
+def _lookup(table, path: str, default):
+    for pattern, value in table:
+        if compile_pattern(pattern).fullmatch(path):
+            return value
+    return default
+
+
+def _positive_int(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _pattern_table(table, field: str, check) -> tuple:
+    """``{pattern: value}`` or pairs -> a hashable tuple of ``(pattern, value)``, validated."""
+    items = table.items() if isinstance(table, Mapping) else table
+    out = []
+    try:
+        for pattern, value in items:
+            compile_pattern(pattern, field=field)
+            try:
+                out.append((pattern, check(value)))
+            except ValueError as err:
+                raise ValueError(f"LoraConfig.{field}[{pattern!r}] {err}") from None
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ValueError):
+            raise
+        raise ValueError(f"LoraConfig.{field} must be a mapping or a sequence of (pattern, value) pairs, "
+                         f"got {table!r}") from None
+    return tuple(out)

@@ -123,6 +123,11 @@ def select(config: LoraConfig, layers: list[Layer]) -> list[Layer]:
     selected = [layer for layer in layers if layer.path in chosen]
     if not selected:
         raise ValueError(f"LoraConfig.exclude {config.exclude!r} removes every targeted layer")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for pattern, _ in getattr(config, field):
+            if not any(compile_pattern(pattern).fullmatch(layer.name) for layer in selected):
+                raise ValueError(f"LoraConfig.{field} entry {pattern!r} matches no adapted layer; "
+                                 f"adapted layers:\n  {_available(selected)}")
     for layer in selected:
         if layer.unsupported:
             raise ValueError(f"layer {layer.name!r} ({layer.kind}) cannot take an adapter: {layer.unsupported}")

@@ -64,3 +64,30 @@ def test_scaling(rank, alpha):
 ])
 def test_pattern_syntax(pattern, path, expected):
     assert (compile_pattern(pattern).fullmatch(path) is not None) is expected
+
+
+def test_rank_and_alpha_patterns_first_match_wins():
+    cfg = LoraConfig(rank=8, alpha=16, rank_pattern={"layers_0/**": 4, "q_proj": 2},
+                     alpha_pattern=[("re:.*/v_proj", 3.0)])
+    assert cfg.rank_pattern == (("layers_0/**", 4), ("q_proj", 2))
+    assert cfg.rank_for("model/layers_0/self_attn/q_proj") == 4  # the first entry matches first
+    assert cfg.rank_for("model/layers_1/self_attn/q_proj") == 2
+    assert cfg.rank_for("model/layers_1/self_attn/k_proj") == 8
+    assert cfg.alpha_for("model/layers_1/self_attn/v_proj") == 3.0
+    assert cfg.scaling("model/layers_1/self_attn/v_proj") == 3.0 / 8
+    assert cfg.scaling("model/layers_0/self_attn/v_proj") == 3.0 / 4
+    assert LoraConfig(rank=8, alpha=16, use_rslora=True, rank_pattern={"q": 4}).scaling("a/q") == 16 / 2
+    assert hash(cfg) == hash(LoraConfig(rank=8, alpha=16, rank_pattern=(("layers_0/**", 4), ("q_proj", 2)),
+                                        alpha_pattern={"re:.*/v_proj": 3}))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank_pattern", {"q": 0}, r"LoraConfig.rank_pattern\['q'\] must be a positive int, got 0"),
+    ("rank_pattern", {"q": 2.0}, r"LoraConfig.rank_pattern\['q'\] must be a positive int, got 2.0"),
+    ("alpha_pattern", {"q": -1}, r"LoraConfig.alpha_pattern\['q'\] must be a positive finite number, got -1"),
+    ("rank_pattern", {"re:(": 2}, r"LoraConfig.rank_pattern: invalid regex 're:\('"),
+    ("alpha_pattern", 5, r"LoraConfig.alpha_pattern must be a mapping or a sequence of \(pattern, value\) pairs"),
+])
+def test_invalid_patterns_name_the_entry(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**{field: value})

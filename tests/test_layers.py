@@ -306,6 +306,26 @@ def test_rank_larger_than_layer_names_the_layer():
         init_lora(LoraConfig(rank=4, targets="re:.*"), model, params, x, rng=KEY)
 
 
+def test_rank_pattern_sets_per_layer_rank_and_scale():
+    model, x, params = _two_proj()
+    cfg = LoraConfig(rank=2, alpha=6.0, targets="re:.*", rank_pattern={"query": 3}, alpha_pattern={"value": 1.0})
+    lora = init_lora(cfg, model, params, x, rng=KEY)
+    assert lora["query"]["a"].shape == (4, 3) and lora["value"]["b"].shape == (2, 3)
+    lora = jax.tree.map(lambda leaf: leaf + 0.5, lora)
+    merged = merge(params, lora, cfg)
+    for name, scale in (("query", 6.0 / 3), ("value", 1.0 / 2)):
+        expected = reference.merge(params[name]["kernel"], lora[name]["a"], lora[name]["b"], scale)
+        assert_close(merged[name]["kernel"], expected, jnp.float32, what=name)
+
+
+def test_rank_pattern_matching_no_adapted_layer_is_an_error():
+    model, x, params = _two_proj()
+    cfg = LoraConfig(rank=2, targets="query", rank_pattern={"value": 3})
+    with pytest.raises(ValueError, match=r"(?s)LoraConfig.rank_pattern entry 'value' matches no adapted layer; "
+                                         r"adapted layers:\n  query"):
+        init_lora(cfg, model, params, x, rng=KEY)
+
+
 def test_adapter_that_does_not_fit_its_layer():
     model, x, params = _two_proj()
     cfg = LoraConfig(rank=2, targets="query")
