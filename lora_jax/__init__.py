@@ -6,7 +6,7 @@ creates the adapters for the layers a :class:`LoraConfig` targets,
 alone, and ``merge``/``unmerge`` fold them into (and out of) the base weights.
 """
 
-from lora_jax import backend, core, optim, reference
+from lora_jax import backend, core, io, models, optim, reference
 from lora_jax.config import LoraConfig
 from lora_jax.linen import find_layers, init_lora, lora_apply
 from lora_jax.report import Summary, summary
@@ -27,9 +27,11 @@ __all__ = [
     "count_params",
     "find_layers",
     "init_lora",
+    "io",
     "lora_apply",
     "make_train_step",
     "merge",
+    "models",
     "optim",
     "reference",
     "select",

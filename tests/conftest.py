@@ -21,3 +21,6 @@ settings.load_profile("default")
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+# The fixture scripts run by hand under PyTorch (tests/fixtures/README.md); CI never imports them.
+collect_ignore_glob = ["fixtures/*"]

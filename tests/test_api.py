@@ -22,7 +22,8 @@ def test_all_matches_what_is_importable():
 
 
 @pytest.mark.parametrize("module", ["config", "core", "linen", "optim", "reference", "report", "targets",
-                                    "train", "tree", "backend", "models.llama"])
+                                    "train", "tree", "backend", "models.llama", "models.hf", "models.generate",
+                                    "io.peft", "io.tensors", "io.names", "io.progress"])
 def test_every_public_function_has_a_docstring(module):
     mod = importlib.import_module(f"lora_jax.{module}")
     for name in dir(mod):
@@ -31,6 +32,12 @@ def test_every_public_function_has_a_docstring(module):
             continue
         if callable(obj):
             assert obj.__doc__ and obj.__doc__.strip(), f"lora_jax.{module}.{name} has no docstring"
+
+
+@pytest.mark.parametrize("package", ["lora_jax.io", "lora_jax.models"])
+def test_subpackage_all_is_importable(package):
+    mod = importlib.import_module(package)
+    assert all(hasattr(mod, name) for name in mod.__all__) and len(mod.__all__) == len(set(mod.__all__))
 
 
 def test_backend_cpu_and_auto():

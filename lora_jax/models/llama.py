@@ -13,16 +13,47 @@ adapters) carry a leading layer axis.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling, as Hugging Face's ``rope_scaling`` / ``rope_parameters``.
+
+    ``rope_type`` ``"linear"`` divides every frequency by ``factor``;
+    ``"llama3"`` divides only the low frequencies and interpolates between
+    (Llama 3.1's scheme, which needs the remaining fields).
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope scaling type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Hyper-parameters, named as in Hugging Face's ``LlamaConfig``."""
+    """Hyper-parameters, named as in Hugging Face's ``LlamaConfig``.
+
+    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
+    ``num_key_value_heads`` to ``num_attention_heads`` (multi-head attention).
+    ``scan_layers`` and ``remat`` are ours: one ``nn.scan`` over the decoder
+    layers, and rematerialisation of each layer in the backward pass.
+    """
 
     vocab_size: int = 4096
     hidden_size: int = 512
@@ -30,21 +61,31 @@ class LlamaConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
+    head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
     tie_word_embeddings: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: bool = False
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
 
     @property
     def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        return self.num_key_value_heads
 
 
 class RMSNorm(nn.Module):
@@ -59,37 +100,86 @@ class RMSNorm(nn.Module):
         return (jnp.expand_dims(weight.astype(jnp.float32), tuple(range(y.ndim - 1))) * y).astype(x.dtype)
 
 
-def rotary(x, positions, theta: float):
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
+    """The rotary inverse frequencies ``[head_dim // 2]`` (float32), with ``scaling`` applied.
+
+    >>> inverse_frequencies(4, 100.0).tolist()
+    [1.0, 0.10000000149011612]
+    """
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling.rope_type == "linear":
+        inv = inv / scaling.factor
+    elif scaling.rope_type == "llama3":
+        wavelen = 2 * math.pi / inv
+        old = scaling.original_max_position_embeddings
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+        low = wavelen > old / scaling.low_freq_factor      # long wavelengths: fully scaled
+        high = wavelen < old / scaling.high_freq_factor    # short wavelengths: unchanged
+        inv = np.where(low, inv / scaling.factor, np.where(high, inv, blended))
+    return inv.astype(np.float32)
+
+
+def rotary(x, positions, inv_freq):
     """Rotary embedding in the rotate-half layout; ``x``: ``[batch, seq, heads, head_dim]``."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [batch, seq, half]
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]  # [batch, seq, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _dense(features, name, cfg):
-    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+def _dense(features, name, cfg, bias=False):
+    return nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                     kernel_init=nn.initializers.normal(0.02))
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
+    """An empty key/value cache for incremental decoding of up to ``max_length`` positions.
+
+    ``{"k", "v"}``: ``[layers, batch, max_length, kv_heads, head_dim]``, and
+    ``"index"``: how many positions are filled (the position of the next token).
+
+    >>> c = init_cache(LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2), 1, 16)
+    >>> c["k"].shape, int(c["index"])
+    ((2, 1, 16, 4, 8), 0)
+    """
+    shape = (config.num_hidden_layers, batch, max_length, config.kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, dtype or config.dtype)
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
+
+
+def _attend_cached(q, k, v, layer_cache, index):
+    """Writes ``k``/``v`` at ``index`` into the layer's cache and attends over the filled part."""
+    k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, axis=1)
+    query_pos = index + jnp.arange(q.shape[1])
+    mask = jnp.arange(k_all.shape[1])[None, :] <= query_pos[:, None]          # causal and filled
+    out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[None, None])
+    return out, {"k": k_all, "v": v_all}
 
 
 class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, layer_cache=None, index=None):
         cfg = self.config
         batch, seq, _ = x.shape
-        q = _dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", cfg)(x)
-        k = _dense(cfg.kv_heads * cfg.head_dim, "k_proj", cfg)(x)
-        v = _dense(cfg.kv_heads * cfg.head_dim, "v_proj", cfg)(x)
-        q = rotary(q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim), positions, cfg.rope_theta)
-        k = rotary(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+        q = _dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", cfg, cfg.attention_bias)(x)
+        k = _dense(cfg.kv_heads * cfg.head_dim, "k_proj", cfg, cfg.attention_bias)(x)
+        v = _dense(cfg.kv_heads * cfg.head_dim, "v_proj", cfg, cfg.attention_bias)(x)
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = rotary(q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
+        k = rotary(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return _dense(cfg.hidden_size, "o_proj", cfg)(out.reshape(batch, seq, -1))
+        if layer_cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out, layer_cache = _attend_cached(q, k, v, layer_cache, index)
+        out = _dense(cfg.hidden_size, "o_proj", cfg, cfg.attention_bias)(out.reshape(batch, seq, -1))
+        return out, layer_cache
 
 
 class LlamaMLP(nn.Module):
@@ -98,27 +188,29 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, "gate_proj", cfg)(x)
-        up = _dense(cfg.intermediate_size, "up_proj", cfg)(x)
-        return _dense(cfg.hidden_size, "down_proj", cfg)(nn.silu(gate) * up)
+        gate = _dense(cfg.intermediate_size, "gate_proj", cfg, cfg.mlp_bias)(x)
+        up = _dense(cfg.intermediate_size, "up_proj", cfg, cfg.mlp_bias)(x)
+        return _dense(cfg.hidden_size, "down_proj", cfg, cfg.mlp_bias)(nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, layer_cache=None, index=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-        x = x + LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), positions)
-        return x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        h, layer_cache = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), positions,
+                                                               layer_cache, index)
+        x = x + h
+        return x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x)), layer_cache
 
 
 class _ScannedDecoderLayer(LlamaDecoderLayer):
     """The decoder layer with ``nn.scan``'s ``(carry, x) -> (carry, y)`` signature."""
 
-    def __call__(self, x, positions):
-        return super().__call__(x, positions), None
+    def __call__(self, x, layer_cache, positions, index):
+        return super().__call__(x, positions, layer_cache, index)
 
 
 class LlamaModel(nn.Module):
@@ -131,22 +223,31 @@ class LlamaModel(nn.Module):
         if cfg.scan_layers:
             layer = nn.remat(_ScannedDecoderLayer) if cfg.remat else _ScannedDecoderLayer
             self.layers = nn.scan(layer, variable_axes={True: 0}, split_rngs={"params": True},
-                                  in_axes=nn.broadcast, length=cfg.num_hidden_layers)(cfg)
+                                  in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)(cfg)
         else:
             layer = nn.remat(LlamaDecoderLayer) if cfg.remat else LlamaDecoderLayer
             self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
 
-    def __call__(self, input_ids, positions=None):
+    def __call__(self, input_ids, positions=None, cache=None):
+        index = None if cache is None else cache["index"]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+            start = 0 if index is None else index
+            positions = jnp.broadcast_to(start + jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = self.embed_tokens(input_ids)
+        layers_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         if self.config.scan_layers:
-            x, _ = self.layers(x, positions)
+            x, layers_cache = self.layers(x, layers_cache, positions, index)
         else:
-            for layer in self.layers:
-                x = layer(x, positions)
-        return self.norm(x)
+            updated = []
+            for i, layer in enumerate(self.layers):
+                x, layer_cache = layer(x, positions, jax.tree.map(lambda c: c[i], layers_cache), index)
+                updated.append(layer_cache)
+            if cache is not None:
+                layers_cache = jax.tree.map(lambda *c: jnp.stack(c), *updated)
+        if cache is not None:
+            cache = {**layers_cache, "index": index + input_ids.shape[-1]}
+        return self.norm(x), cache
 
     def attend(self, x):
         return self.embed_tokens.attend(x)
@@ -155,24 +256,31 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Returns next-token logits ``[batch, seq, vocab]`` for ``input_ids`` ``[batch, seq]``.
 
+    With ``cache`` (from :func:`init_cache`) the call decodes incrementally:
+    ``input_ids`` are the next tokens after the ``cache["index"]`` already
+    seen, and the result is ``(logits, updated_cache)``.
+
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
     ...                   num_attention_heads=2)
     >>> model = LlamaForCausalLM(cfg)
     >>> ids = jnp.zeros((1, 5), jnp.int32)
-    >>> model.apply(model.init(jax.random.key(0), ids), ids).shape
+    >>> variables = model.init(jax.random.key(0), ids)
+    >>> model.apply(variables, ids).shape
     (1, 5, 32)
+    >>> logits, cache = model.apply(variables, ids, cache=init_cache(cfg, 1, 8))
+    >>> logits.shape, int(cache["index"])
+    ((1, 5, 32), 5)
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None):
+    def __call__(self, input_ids, positions=None, cache=None):
         cfg = self.config
         model = LlamaModel(cfg, name="model")
-        x = model(input_ids, positions)
-        if cfg.tie_word_embeddings:
-            return model.attend(x)
-        return _dense(cfg.vocab_size, "lm_head", cfg)(x)
+        x, new_cache = model(input_ids, positions, cache)
+        logits = model.attend(x) if cfg.tie_word_embeddings else _dense(cfg.vocab_size, "lm_head", cfg)(x)
+        return logits if cache is None else (logits, new_cache)
 
 
 def causal_lm_loss(logits, input_ids):

@@ -1,0 +1,312 @@
+"""Hugging Face PEFT adapter folders: ``load_peft`` and ``save_peft``.
+
+A PEFT LoRA folder holds ``adapter_config.json`` and
+``adapter_model.safetensors``. Tensor keys are
+``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and ``.lora_B.weight``
+(``[out, r]``), or ``.lora_embedding_A`` (``[r, vocab]``) and
+``.lora_embedding_B`` (``[dim, r]``) for embeddings: the transposes of our
+``a`` (``[in, r]``) and ``b`` (``[r, out]``) in both cases, so the conversion is
+one transpose per matrix. The scale ``alpha / r`` is never stored in the
+tensors. Module names map as ``model.layers.0.q_proj`` <->
+``model/layers_0/q_proj`` (:mod:`lora_jax.io.names`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from lora_jax.config import LoraConfig
+from lora_jax.io import tensors as st
+from lora_jax.io.names import stack_layers, to_flax, to_torch, unstack_layers
+from lora_jax.tree import adapters, get_path, set_path, weight_name
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# adapter_config.json keys of PEFT 0.21's LoraConfig that we read or that carry no meaning for us.
+KNOWN_KEYS = frozenset((
+    "alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias corda_config "
+    "ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode init_lora_weights kasa_config "
+    "layer_replication layers_pattern layers_to_transform loftq_config lora_alpha lora_bias lora_dropout "
+    "lora_ga_config megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version "
+    "qalora_group_size r rank_pattern revision runtime_config target_modules target_parameters task_type "
+    "trainable_token_indices use_bdlora use_dora use_qalora use_rslora velora_config").split())
+
+# Features whose files we cannot represent faithfully: (key, "is active" test, why).
+UNSUPPORTED = (
+    ("use_dora", bool, "DoRA adapters (lora_magnitude_vector) are not supported yet"),
+    ("lora_bias", bool, "lora_bias (a trained bias on lora_B) is not supported"),
+    ("bias", lambda v: v not in (None, "none"), "trained base biases (bias != 'none') are not supported"),
+    ("modules_to_save", bool, "modules_to_save (fully trained extra modules) are not supported"),
+    ("layer_replication", bool, "layer_replication is not supported"),
+    ("alora_invocation_tokens", bool, "activated LoRA (aLoRA) is not supported"),
+    ("use_qalora", bool, "QA-LoRA is not supported"),
+    ("target_parameters", bool, "target_parameters (LoRA on raw parameters) is not supported"),
+    ("trainable_token_indices", bool, "trainable_token_indices is not supported"),
+    ("megatron_config", bool, "Megatron layers are not supported"),
+    ("use_bdlora", bool, "block-diagonal LoRA is not supported"),
+    ("arrow_config", bool, "Arrow routing is not supported"),
+    ("kasa_config", bool, "KaSA is not supported"),
+    ("velora_config", bool, "VeLoRA is not supported"),
+    ("monteclora_config", bool, "MonteCLoRA is not supported"),
+)
+# Initialisations that change the base weights: the adapter only fits the modified base.
+MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "kasa")
+
+_TENSOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                         r"lora_embedding_B|base_layer\.weight)$")
+_SIDE = {"lora_A.weight": ("linear", "a"), "lora_B.weight": ("linear", "b"),
+         "lora_embedding_A": ("embedding", "a"), "lora_embedding_B": ("embedding", "b")}
+
+
+class UnsupportedAdapterError(ValueError):
+    """The adapter uses a PEFT feature that lora_jax cannot represent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftAdapter:
+    """An adapter read from (or to be written as) a PEFT folder.
+
+    Attributes:
+      config: the :class:`LoraConfig` (per-layer ranks and alphas resolved
+        into ``rank_pattern``/``alpha_pattern`` entries).
+      lora: the adapter tree in our layout (``{path: {"a": [in, r], "b": [r, out]}}``).
+      peft_config: the ``adapter_config.json`` dict as read.
+      base_weights: full base-layer tensors PEFT saved beside the adapter (it
+        does so for targeted embeddings and heads), by PyTorch name; they are
+        copies of the base model's weights, not part of the adapter.
+    """
+
+    config: LoraConfig
+    lora: dict
+    peft_config: dict
+    base_weights: dict = dataclasses.field(default_factory=dict)
+
+
+def peft_pattern_lookup(patterns: Mapping[str, Any], module: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key with ``(.*\\.)?(key)$`` matching wins.
+
+    >>> peft_pattern_lookup({"layers.0.self_attn.q_proj": 2, "down_proj": 6}, "model.layers.0.mlp.down_proj", 4)
+    6
+    >>> peft_pattern_lookup({"q_proj": 2}, "model.layers.0.self_attn.k_proj", 4)
+    4
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_supported(cfg: Mapping, where: str):
+    if cfg.get("peft_type") != "LORA":
+        raise UnsupportedAdapterError(f"{where}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter "
+                                      f"(only peft_type 'LORA' is read)")
+    for key, active, why in UNSUPPORTED:
+        if key in cfg and cfg[key] is not None and active(cfg[key]):
+            raise UnsupportedAdapterError(f"{where}: {why} ({key} = {cfg[key]!r})")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights {init!r} modifies the base weights, so this adapter only fits that "
+            f"modified base; save it from PEFT with path_initial_model_for_weight_conversion to get a plain LoRA")
+    unknown = sorted(set(cfg) - KNOWN_KEYS)
+    if unknown:
+        warnings.warn(f"{where}: ignoring adapter_config.json keys unknown to lora_jax: {unknown}", stacklevel=3)
+
+
+def _group_tensors(raw: Mapping[str, np.ndarray], where: str):
+    """``({module: {"kind", "a", "b"}}, base_weights)`` from the file's keys; refuses anything else."""
+    modules: dict[str, dict] = collections.defaultdict(dict)
+    base_weights = {}
+    for key, value in raw.items():
+        match = _TENSOR_KEY.match(key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        if match is None:
+            raise UnsupportedAdapterError(
+                f"{where}: tensor {key!r} is not a LoRA tensor of the form '{PREFIX}<module>.lora_A.weight' "
+                f"(or lora_B / lora_embedding_A / lora_embedding_B)")
+        module, kind = match.group("module"), match.group("kind")
+        if kind == "base_layer.weight":
+            base_weights[f"{module}.weight"] = value
+            continue
+        layer_kind, side = _SIDE[kind]
+        entry = modules[module]
+        if entry.setdefault("kind", layer_kind) != layer_kind:
+            raise ValueError(f"{where}: module {module!r} mixes lora_A/B and lora_embedding_A/B tensors")
+        entry[side] = value
+    for module, entry in modules.items():
+        if "a" not in entry or "b" not in entry:
+            raise ValueError(f"{where}: module {module!r} has only its {'A' if 'a' in entry else 'B'} matrix")
+        if entry["a"].ndim != 2 or entry["b"].ndim != 2 or entry["a"].shape[0] != entry["b"].shape[1]:
+            raise UnsupportedAdapterError(
+                f"{where}: module {module!r}: A {list(entry['a'].shape)} and B {list(entry['b'].shape)} are not "
+                f"a [r, in] / [out, r] pair (only Linear and Embedding adapters are read)")
+    return dict(modules), base_weights
+
+
+def _targets(cfg: Mapping, paths: list[str]) -> dict[str, Any]:
+    """Our ``targets``/``exclude``: PEFT's name lists translated, else the exact layers in the file."""
+    target, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
+    if isinstance(target, str) and target.lower() == "all-linear" and not exclude:
+        return {"targets": ("all-linear",)}
+    if isinstance(target, (list, tuple)) and isinstance(exclude, (list, tuple, type(None))) and \
+            not cfg.get("layers_to_transform"):
+        return {"targets": tuple(sorted(to_flax(t) for t in target)),
+                "exclude": tuple(sorted(to_flax(e) for e in exclude or ()))}
+    return {"targets": tuple(paths)}
+
+
+def _pattern_table(values: dict[str, Any], default) -> tuple:
+    return tuple((path, value) for path, value in values.items() if value != default)
+
+
+def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype=np.float32,
+              scan_layers: bool = False) -> PeftAdapter:
+    """Reads a PEFT LoRA adapter folder into our layout.
+
+    Args:
+      path: the folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+      adapter_name: PEFT saves adapters other than ``"default"`` in a
+        sub-folder named after them; pass the name to read that one.
+      dtype: the dtype of the returned matrices (float32 by default, as PEFT's
+        ``autocast_adapter_dtype``); ``None`` keeps the file's.
+      scan_layers: stack ``model/layers_<i>`` adapters along a leading axis for
+        a model built with ``scan_layers=True``.
+
+    Returns:
+      a :class:`PeftAdapter`. Unknown config keys are ignored with a warning;
+      features we cannot represent (DoRA, lora_bias, modules_to_save, other
+      PEFT methods, ...) raise :class:`UnsupportedAdapterError`.
+
+    >>> import tempfile
+    >>> cfg = LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    >>> lora = {"model": {"layers_0": {"q_proj": {"a": np.ones((8, 2)), "b": np.ones((2, 8))}}}}
+    >>> base = {"model": {"layers_0": {"q_proj": {"kernel": np.zeros((8, 8))}}}}
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     files = save_peft(d, lora, cfg, base_params=base)
+    ...     loaded = load_peft(d)
+    >>> loaded.config.scaling("model/layers_0/q_proj"), loaded.lora["model"]["layers_0"]["q_proj"]["a"].shape
+    (2.0, (8, 2))
+    """
+    folder = os.path.join(os.fspath(path), adapter_name) if adapter_name else os.fspath(path)
+    config_path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder!r}")
+    with open(config_path) as f:
+        cfg = json.load(f)
+    _check_supported(cfg, config_path)
+    modules, base_weights = _group_tensors(st.read(os.path.join(folder, WEIGHTS_FILE)), folder)
+    if not modules:
+        raise ValueError(f"{folder}: {WEIGHTS_FILE} holds no LoRA tensors")
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    ranks, alphas, lora = {}, {}, {}
+    for module in sorted(modules):
+        entry, layer = modules[module], to_flax(module)
+        expected_rank = int(peft_pattern_lookup(cfg.get("rank_pattern") or {}, module, r))
+        if entry["a"].shape[0] != expected_rank:
+            raise ValueError(f"{folder}: module {module!r} has rank {entry['a'].shape[0]} but the config's "
+                             f"r/rank_pattern give {expected_rank}")
+        ranks[layer] = expected_rank
+        alphas[layer] = float(peft_pattern_lookup(cfg.get("alpha_pattern") or {}, module, alpha))
+        a, b = entry["a"].T, entry["b"].T
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        lora = set_path(lora, tuple(layer.split("/")), {"a": a, "b": b})
+    config = LoraConfig(rank=r, alpha=alpha, **_targets(cfg, sorted(ranks)),
+                        dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=bool(cfg.get("use_rslora")),
+                        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default",
+                        rank_pattern=_pattern_table(ranks, r), alpha_pattern=_pattern_table(alphas, alpha))
+    if scan_layers:
+        lora = stack_layers(lora)
+        config = dataclasses.replace(config, rank_pattern=_stacked(config.rank_pattern),
+                                     alpha_pattern=_stacked(config.alpha_pattern))
+    return PeftAdapter(config, lora, cfg, base_weights)
+
+
+def _stacked(table: tuple) -> tuple:
+    """Per-layer pattern entries for the stacked layout, which must agree across layers."""
+    merged: dict[str, Any] = {}
+    for path, value in table:
+        key = re.sub(r"/layers_\d+/", "/layers/", path)
+        if merged.setdefault(key, value) != value:
+            raise ValueError(f"scan_layers: layers disagree on the rank/alpha of {key!r}; load unstacked instead")
+    return tuple(merged.items())
+
+
+def _most_common(values: list):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _pattern_key(module: str) -> str:
+    """A ``rank_pattern`` key that PEFT matches to ``module`` alone (the first segment dropped when possible)."""
+    parts = module.split(".")
+    return re.escape(".".join(parts[1:]) if len(parts) > 1 else module)
+
+
+def save_peft(path: str | os.PathLike, lora: Mapping, config: LoraConfig, *, base_params: Mapping,
+              base_model_name_or_path: str | None = None, task_type: str | None = None,
+              target_modules: list[str] | str | None = None) -> list[str]:
+    """Writes ``lora`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+      path: the output folder (created).
+      lora: the adapter tree (unscanned, or scanned with ``model/layers`` stacked).
+      config: its :class:`LoraConfig`; each layer's alpha comes from
+        ``config.alpha_for`` and its rank from the matrices.
+      base_params: the base model's params, laid out like ``lora``: they tell
+        embeddings from linear layers and check that every adapter fits.
+      base_model_name_or_path, task_type: written to ``adapter_config.json``
+        (``task_type="CAUSAL_LM"`` makes PEFT build a ``PeftModelForCausalLM``).
+      target_modules: defaults to the full names of the adapted modules.
+
+    Returns:
+      the file names written.
+    """
+    if "layers" in (lora.get("model") or {}):
+        lora, base_params = unstack_layers(lora), unstack_layers(base_params)
+    tensors, ranks, alphas = {}, {}, {}
+    for path_tuple, node in adapters(lora).items():
+        layer = "/".join(path_tuple)
+        try:
+            base_node = get_path(base_params, path_tuple)
+        except KeyError:
+            raise ValueError(f"adapter {layer!r} has no layer in base_params") from None
+        weight = weight_name(base_node, path_tuple)
+        a, b, w = np.asarray(node["a"]), np.asarray(node["b"]), base_node[weight]
+        if a.ndim != 2 or b.ndim != 2 or np.ndim(w) != 2 or (a.shape[0], b.shape[1]) != tuple(np.shape(w)):
+            raise ValueError(f"layer {layer!r}: only 2-D Dense and Embed adapters fit PEFT's format; got a "
+                             f"{list(a.shape)}, b {list(b.shape)} for weight {list(np.shape(w))}")
+        module = to_torch(layer)
+        names = ("lora_embedding_A", "lora_embedding_B") if weight == "embedding" else ("lora_A.weight",
+                                                                                        "lora_B.weight")
+        tensors[f"{PREFIX}{module}.{names[0]}"] = a.T
+        tensors[f"{PREFIX}{module}.{names[1]}"] = b.T
+        ranks[module], alphas[module] = a.shape[1], config.alpha_for(layer)
+    if not tensors:
+        raise ValueError("save_peft: the lora tree holds no adapters")
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    peft_config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": int(r), "lora_alpha": alpha,
+        "lora_dropout": config.dropout, "target_modules": target_modules or sorted(ranks), "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "use_rslora": config.use_rslora,
+        "rank_pattern": {_pattern_key(m): int(v) for m, v in ranks.items() if v != r},
+        "alpha_pattern": {_pattern_key(m): v for m, v in alphas.items() if v != alpha},
+    }
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        f.write(json.dumps(peft_config, indent=2, sort_keys=True))
+    st.write(os.path.join(folder, WEIGHTS_FILE), jax.tree.map(np.asarray, tensors))
+    return [CONFIG_FILE, WEIGHTS_FILE]
