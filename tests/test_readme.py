@@ -1,9 +1,12 @@
 """The README's code example runs and its printed headline is what it claims."""
 
+import os
 import pathlib
 import re
+import shutil
 
 import jax
+import numpy as np
 
 from tests.tolerances import assert_close
 
@@ -20,3 +23,26 @@ def test_readme_example_runs_and_merge_matches(capsys):
     unmerged = scope["apply"](scope["base"], scope["lora"], scope["ids"])
     assert_close(scope["logits"], unmerged, what="merged vs unmerged logits")
     jax.tree.map(lambda a, b: assert_close(a, b, what="unmerge(merge(W))"), scope["restored"], scope["base"])
+
+
+def test_readme_peft_section_runs_and_round_trips():
+    text = README.read_text()
+    section = text[text.index("## Use a PEFT adapter in JAX"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(README.parent)   # the example uses paths relative to the repository root
+    try:
+        exec(compile(code, str(README), "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    from lora_jax.io import load_peft
+    from tests.fixtures_data import reference
+
+    back = load_peft(scope["out"])
+    assert jax.tree.all(jax.tree.map(np.array_equal, back.lora, scope["adapter"].lora))
+    assert scope["tokens"].shape == (1, 13)
+    ids = reference()["input_ids"]
+    peft = scope["L"].lora_apply(scope["model"], back.config)(scope["base"], back.lora, ids)
+    assert_close(peft, reference()["plain/unmerged"], what="README adapter vs PEFT logits")
+    shutil.rmtree(scope["out"])
