@@ -27,3 +27,16 @@ def test_quickstart(capsys):
     assert after < before
     diff, peak = map(float, re.search(r"max \|logit diff\| ([\d.e+-]+) \(max \|logit\| ([\d.e+-]+)\)", out).groups())
     assert diff <= tol(jnp.float32) * peak
+
+
+def test_hf_peft(capsys):
+    _load("hf_peft").main(["--steps", "5"])
+    out = capsys.readouterr().out
+    assert "PEFT folder written and read back: tensors bitwise equal True" in out
+    before, after = map(float, re.search(r"before ([\d.]+) -> after ([\d.]+)", out).groups())
+    assert after < before
+    diff = float(re.search(r"max \|logit diff\| vs unmerged ([\d.e+-]+)", out).group(1))
+    assert diff <= 1e-4
+    adapter, base = (int(x.replace(",", "")) for x in re.search(r"adapter files ([\d,]+) bytes; base model files "
+                                                                  r"([\d,]+) bytes", out).groups())
+    assert adapter < base / 20
