@@ -40,3 +40,9 @@ def test_hf_peft(capsys):
     adapter, base = (int(x.replace(",", "")) for x in re.search(r"adapter files ([\d,]+) bytes; base model files "
                                                                   r"([\d,]+) bytes", out).groups())
     assert adapter < base / 20
+
+
+def test_resume_training(capsys):
+    _load("resume_training").main(["--steps", "6", "--every", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"(\d+)/\1 arrays bitwise equal", out), out

@@ -1,0 +1,311 @@
+"""Orbax checkpoints of a LoRA training run: adapters, optimizer state, step and RNG.
+
+A checkpoint holds what training changes and nothing else. The frozen base
+params are referenced, not copied: each save records a *fingerprint* of the
+base (every leaf's path, shape and dtype; no values are read) and an optional
+``base_ref`` string (say, the Hugging Face folder the base came from), and a
+restore that is handed the base checks it against the fingerprint.
+
+On disk, ``<directory>/<step>/`` holds two orbax items: ``state`` (the arrays:
+``lora``, ``opt_state`` and the RNG's raw key data) and ``meta`` (JSON: the
+step, the RNG's kind and implementation, a manifest of every saved leaf, the
+base fingerprint and ``base_ref``). The manifest lets a restore name the first
+leaf that does not fit before orbax reads anything, and refuse a dtype that
+orbax would otherwise cast silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT = "lora_jax.train_state/1"
+_STATE, _META = "state", "meta"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a LoRA run needs to resume: adapters, optimizer state, step and RNG.
+
+    A pytree (all four fields are children), so it passes through ``jax.jit``.
+
+    Attributes:
+      lora: the adapters' pytree (from :func:`lora_jax.init_lora`).
+      opt_state: the optax state of the adapters.
+      step: the number of steps taken (a Python int or an integer scalar array).
+      rng: the key the next step's randomness is drawn from: a typed key
+        (``jax.random.key``), a raw ``uint32`` key (``jax.random.PRNGKey``), or None.
+    """
+
+    lora: Any
+    opt_state: Any
+    step: Any = 0
+    rng: Any = None
+
+
+def _path(keypath) -> str:
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
+
+
+def _describe(leaf) -> list:
+    dtype = getattr(leaf, "dtype", None)
+    dtype = np.asarray(leaf).dtype if dtype is None else dtype
+    return [list(np.shape(leaf)), str(dtype)]
+
+
+def _manifest(tree) -> list[list]:
+    """``[[path, shape, dtype], ...]`` for every leaf of ``tree``, in flattening order."""
+    return [[_path(kp), *_describe(leaf)] for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def base_fingerprint(base) -> list[list]:
+    """The identity of a base params tree, cheaply: ``[[path, shape, dtype], ...]``.
+
+    No values are read, so it costs nothing for a model of any size (and works
+    on ``jax.ShapeDtypeStruct`` leaves). It tells models of different
+    architecture, size or dtype apart; two checkpoints of one architecture
+    (a base and its instruction-tuned sibling) share it, which is what
+    ``base_ref`` is for.
+
+    >>> base_fingerprint({"q": {"kernel": jnp.zeros((4, 3), jnp.bfloat16)}})
+    [['q/kernel', [4, 3], 'bfloat16']]
+    """
+    return _manifest(base)
+
+
+def _fmt(entry) -> str:
+    return f"{entry[1]}[{', '.join(map(str, entry[0]))}]"
+
+
+def _first_difference(expected: list, actual: list) -> str | None:
+    """Names the first leaf where two manifests differ, or returns None if they agree."""
+    want = {path: (shape, dtype) for path, shape, dtype in expected}
+    have = {path: (list(shape), dtype) for path, shape, dtype in actual}
+    for path, shape, dtype in expected:
+        if path not in have:
+            return f"{path!r} is missing (expected {_fmt((shape, dtype))})"
+        if have[path] != (shape, dtype):
+            return f"{path!r} is {_fmt(have[path])}, expected {_fmt((shape, dtype))}"
+    extra = [path for path, *_ in actual if path not in want]
+    return f"{extra[0]!r} is not in the checkpoint" if extra else None
+
+
+def _is_typed_key(rng) -> bool:
+    return rng is not None and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+
+
+def _rng_kind(rng) -> str | None:
+    """``"typed"`` (``jax.random.key``), ``"raw"`` (a ``uint32`` key) or None."""
+    return None if rng is None else "typed" if _is_typed_key(rng) else "raw"
+
+
+def _key_data(key):
+    # eval_shape lets an abstract key (a ShapeDtypeStruct in `like`) through too
+    if isinstance(key, jax.ShapeDtypeStruct):
+        return jax.eval_shape(jax.random.key_data, key)
+    return jax.random.key_data(key)
+
+
+def _payload(state: TrainState) -> dict:
+    # Orbax versions differ in whether they store typed key arrays; their raw
+    # key data (uint32) is stored everywhere, and wrapped back on restore.
+    payload = {"lora": state.lora, "opt_state": state.opt_state}
+    if state.rng is not None:
+        payload["rng"] = _key_data(state.rng) if _is_typed_key(state.rng) else state.rng
+    return payload
+
+
+def _abstract(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype)
+
+
+def directory_size(path: str | os.PathLike) -> int:
+    """The bytes of all files under ``path`` (a checkpoint directory, or one step of it).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = pathlib.Path(d, "x").write_bytes(b"12345")
+    ...     directory_size(d)
+    5
+    """
+    return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
+
+
+class Checkpointer:
+    """Saves and restores :class:`TrainState` under ``directory``, one subdirectory per step.
+
+    Every :meth:`save` is complete when it returns (orbax writes into a
+    temporary directory and renames it when done), so a process killed at any
+    later moment leaves a restorable checkpoint, and one killed during a save
+    leaves the previous ones intact. LoRA states are small, so waiting costs
+    little.
+
+    Args:
+      directory: where the steps go; created on the first save.
+      max_to_keep: how many of the newest steps to keep (None keeps all).
+      base_ref: a note recorded with every save to say which base the adapters
+        belong to (a path, a hub id, a revision).
+
+    >>> import tempfile, optax
+    >>> lora = {"q": {"a": jnp.ones((4, 2)), "b": jnp.zeros((2, 3))}}
+    >>> tx = optax.adam(1e-3)
+    >>> state = TrainState(lora, tx.init(lora), step=10, rng=jax.random.key(0))
+    >>> with tempfile.TemporaryDirectory() as d, Checkpointer(d, base_ref="my/base") as ckpt:
+    ...     ckpt.save(state)
+    ...     back = ckpt.restore(state)
+    ...     ckpt.all_steps(), ckpt.metadata()["base_ref"]
+    True
+    ([10], 'my/base')
+    >>> back.step, type(back.opt_state[0]).__name__, back.rng.dtype
+    (10, 'ScaleByAdamState', key<fry>)
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, base_ref: str | None = None):
+        self.directory = pathlib.Path(directory).absolute()
+        self.base_ref = base_ref
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
+                                               cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Waits for any save in flight and releases orbax's resources."""
+        self._manager.close()
+
+    def all_steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def step_directory(self, step: int) -> pathlib.Path:
+        """The directory of one saved step (e.g. for :func:`directory_size`)."""
+        return self.directory / str(self._existing(step))
+
+    def save(self, state: TrainState, *, base=None) -> bool:
+        """Writes ``state`` as step ``int(state.step)`` and waits until it is on disk.
+
+        Args:
+          state: the state to save.
+          base: the frozen base params; their fingerprint (not their values) is
+            recorded, so that :meth:`restore` can check them.
+
+        Returns:
+          True; False (writing nothing) if this step is already saved.
+
+        Raises:
+          ValueError: the directory already holds a newer step (a stale
+            directory from another run?).
+        """
+        step, latest = int(state.step), self.latest_step()
+        if step in self.all_steps():
+            return False
+        if latest is not None and step < latest:
+            raise ValueError(f"cannot save step {step} in {str(self.directory)!r}: it already holds the newer "
+                             f"step {latest}. Resume from it, or use another directory.")
+        kind, payload = _rng_kind(state.rng), _payload(state)
+        impl = str(jax.random.key_impl(state.rng)) if kind == "typed" else None
+        meta = {"format": FORMAT, "step": step, "rng_kind": kind, "rng_impl": impl,
+                "manifest": _manifest(payload), "base_ref": self.base_ref,
+                "base_fingerprint": None if base is None else base_fingerprint(base)}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(payload),
+                                                             _META: ocp.args.JsonSave(meta)}))
+        self._manager.wait_until_finished()
+        return True
+
+    def _existing(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {str(self.directory)!r}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {str(self.directory)!r}; saved steps: {steps}")
+        return step
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON saved with a step (the latest by default): ``base_ref``, ``base_fingerprint``, ``manifest``, ..."""
+        step = self._existing(step)
+        meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"step {step} in {str(self.directory)!r} is not a lora_jax TrainState checkpoint")
+        return meta
+
+    def restore(self, like: TrainState, *, step: int | None = None, base=None) -> TrainState:
+        """Reads a saved state into the structure of ``like``.
+
+        ``like`` supplies the tree structure (so optax's state classes come back
+        as themselves), and each leaf's shape, dtype and sharding, which must
+        match what was saved: nothing is cast. Its values are not used (its
+        leaves may be ``jax.ShapeDtypeStruct``). The arrays come back placed
+        on ``like``'s shardings (the default device for a leaf without one),
+        i.e. committed: a step jitted on uncommitted arrays compiles once more.
+
+        Args:
+          like: a state of the same structure, e.g. a freshly initialised one.
+          step: the step to restore; the latest by default.
+          base: the base params to be used with the adapters; if given, they
+            must match the fingerprint recorded at save time.
+
+        Returns:
+          The saved :class:`TrainState`; ``step`` is a Python int if ``like.step``
+          is an integer, else an array of its dtype, and ``rng`` is a typed key
+          again if a typed key was saved.
+
+        Raises:
+          FileNotFoundError: no checkpoint (of that step) in the directory.
+          ValueError: ``like`` or ``base`` does not match the checkpoint; the
+            message names the first differing path.
+        """
+        step = self._existing(step)
+        meta = self.metadata(step)
+        where = f"checkpoint step {step} in {str(self.directory)!r}"
+        if base is not None:
+            self._check_base(meta, base, where)
+        kind = _rng_kind(like.rng)
+        if kind != meta["rng_kind"]:
+            raise ValueError(f"{where}: 'rng' was saved as {meta['rng_kind'] or 'None'} key, "
+                             f"but like.rng is {kind or 'None'}")
+        target = jax.tree.map(_abstract, _payload(like))
+        problem = _first_difference(meta["manifest"], _manifest(target))
+        if problem is not None:
+            raise ValueError(f"{where} does not fit `like`: {problem}")
+        arrays = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
+        arrays = arrays[_STATE]
+        rng = arrays.get("rng")
+        if meta["rng_kind"] == "typed":
+            rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
+        as_int = isinstance(like.step, (int, np.integer))
+        step_value = step if as_int else jnp.asarray(step, _describe(like.step)[1])
+        return TrainState(arrays["lora"], arrays["opt_state"], step_value, rng)
+
+    @staticmethod
+    def _check_base(meta: dict, base, where: str) -> None:
+        expected = meta["base_fingerprint"]
+        ref = f" (base_ref {meta['base_ref']!r})" if meta.get("base_ref") else ""
+        if expected is None:
+            raise ValueError(f"{where} was saved without a base fingerprint{ref}, so `base` cannot be checked; "
+                             "pass base=None to restore without the check")
+        problem = _first_difference(expected, base_fingerprint(base))
+        if problem is not None:
+            raise ValueError(f"the base params differ from the base of {where}{ref}: {problem}")
