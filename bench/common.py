@@ -23,14 +23,13 @@ from typing import Callable, Iterable
 
 import jax
 
+from lora_jax.report import compiled_memory
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
 # Round-robin repeats and warm-up calls per mode.
 MODES = {"quick": {"repeats": 10, "warmup": 2}, "full": {"repeats": 30, "warmup": 3}}
-
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                 "alias_size_in_bytes", "generated_code_size_in_bytes")
 
 
 # ---- the header
@@ -137,21 +136,8 @@ def compile_aot(jitted, *args, **kwargs):
 
 
 def memory(compiled) -> dict:
-    """XLA's ``memory_analysis()`` as a dict of byte counts; ``None`` where the backend gives none.
-
-    ``total`` is argument + output + temp. ``total_minus_alias`` subtracts the
-    outputs that reuse donated argument buffers, which ``total`` counts twice.
-    """
-    try:
-        stats_ = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-        stats_ = None
-    out = {field: getattr(stats_, field, None) if stats_ is not None else None for field in MEMORY_FIELDS}
-    parts = [out["argument_size_in_bytes"], out["output_size_in_bytes"], out["temp_size_in_bytes"]]
-    out["total"] = sum(parts) if all(p is not None for p in parts) else None
-    alias = out["alias_size_in_bytes"]
-    out["total_minus_alias"] = out["total"] - alias if out["total"] is not None and alias is not None else None
-    return out
+    """XLA's memory analysis of ``compiled`` (see :func:`lora_jax.report.compiled_memory`)."""
+    return compiled_memory(compiled)
 
 
 def flops(compiled) -> float | None:

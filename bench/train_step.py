@@ -18,6 +18,7 @@ import optax
 import lora_jax
 from bench import common
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
+from lora_jax.train import make_full_train_step
 
 NAME = "train_step"
 TITLE = "LoRA train step vs full fine-tune step (reference Llama workload)"
@@ -36,18 +37,7 @@ def loss_fn(model, batch):
 
 def make_full_step(model, tx):
     """The baseline: gradients for every base parameter, adamw on all of them."""
-
-    def step(params, opt_state, batch):
-        def objective(p):
-            return causal_lm_loss(model.apply({"params": p}, batch), batch)
-
-        loss, grads = jax.value_and_grad(objective)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        # make_train_step reports the grad norm too; keep the work comparable.
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    return make_full_train_step(lambda p, *a: model.apply({"params": p}, *a), loss_fn, tx)
 
 
 class _Runner:

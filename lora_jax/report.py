@@ -81,3 +81,31 @@ def summary(base_params, lora_params, config: LoraConfig | None = None, *,
     if print_fn is not None:
         print_fn(result.table())
     return result
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+                 "generated_code_size_in_bytes")
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's ``memory_analysis()`` of a compiled function as byte counts (``None`` where the backend gives none).
+
+    ``total`` is argument + output + temp; ``total_minus_alias`` subtracts the
+    outputs that reuse donated argument buffers, which ``total`` counts twice:
+    the memory the step needs while it runs.
+
+    >>> import jax, jax.numpy as jnp
+    >>> compiled = jax.jit(lambda x: x * 2).lower(jnp.ones(256, jnp.float32)).compile()
+    >>> compiled_memory(compiled)["argument_size_in_bytes"]
+    1024
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    out = {field: getattr(stats, field, None) if stats is not None else None for field in MEMORY_FIELDS}
+    parts = [out["argument_size_in_bytes"], out["output_size_in_bytes"], out["temp_size_in_bytes"]]
+    out["total"] = sum(parts) if all(p is not None for p in parts) else None
+    alias = out["alias_size_in_bytes"]
+    out["total_minus_alias"] = out["total"] - alias if out["total"] is not None and alias is not None else None
+    return out

@@ -67,3 +67,44 @@ def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gradien
         return lora_params, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_full_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                         has_aux: bool = False, donate: bool = True) -> Callable:
+    """The full fine-tuning baseline: ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+    Every parameter is differentiated and updated; use it to compare LoRA
+    against full fine-tuning (or to pretrain a base) with the same loss.
+
+    Args:
+      apply: ``apply(params, *args, **kwargs)``, e.g.
+        ``lambda p, *a, **k: module.apply({"params": p}, *a, **k)``.
+      loss_fn, has_aux: as in :func:`make_train_step`.
+      optimizer: any optax transformation, initialised on ``params``.
+      donate: donate ``params`` and ``opt_state`` to the step.
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> model, x = nn.Dense(3), jnp.ones((2, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tx = optax.sgd(0.1)
+    >>> step = make_full_train_step(lambda p, *a: model.apply({"params": p}, *a),
+    ...                             lambda m, x: (m(x) ** 2).mean(), tx)
+    >>> params, state, metrics = step(params, tx.init(params), x)
+    >>> sorted(metrics)
+    ['grad_norm', 'loss']
+    """
+
+    def step(params, opt_state, batch):
+        def objective(p):
+            return loss_fn(lambda *args, **kwargs: apply(p, *args, **kwargs), batch)
+
+        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(params)
+        loss, aux = value if has_aux else (value, None)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics: dict[str, Any] = {"loss": loss, "grad_norm": _global_norm(grads)}
+        if has_aux:
+            metrics["aux"] = aux
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
