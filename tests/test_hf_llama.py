@@ -217,3 +217,16 @@ def test_config_round_trip_keeps_every_field():
 
     assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg
     assert LlamaForCausalLM(cfg).config.kv_heads == 2
+
+
+def test_extra_config_keys_and_malformed_json(tmp_path):
+    module, params = model("llama_tiny")
+    save_pretrained(tmp_path, module, params, extra_config={"eos_token_id": 2, "lora_jax_tokenizer": "bytes"})
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    assert written["eos_token_id"] == 2 and written["lora_jax_tokenizer"] == "bytes"
+    with pytest.raises(ValueError, match=r"extra_config may not override \['vocab_size'\]"):
+        save_pretrained(tmp_path, module, params, extra_config={"vocab_size": 3})
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        from_pretrained(tmp_path, show_progress=False)

@@ -162,7 +162,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}")
     with open(config_path) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     overrides: dict[str, Any] = {"scan_layers": scan_layers, "remat": remat}
     if dtype is not None:
         overrides["dtype"] = dtype
@@ -176,7 +179,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
 
 
 def save_pretrained(path: str | os.PathLike, config: LlamaConfig | LlamaForCausalLM, params: Mapping, *,
-                    max_shard_bytes: int | None = None) -> list[str]:
+                    max_shard_bytes: int | None = None, extra_config: Mapping[str, Any] | None = None) -> list[str]:
     """Writes ``params`` as a Hugging Face folder that ``transformers`` loads as ``LlamaForCausalLM``.
 
     Args:
@@ -185,6 +188,8 @@ def save_pretrained(path: str | os.PathLike, config: LlamaConfig | LlamaForCausa
       params: its params (scanned or not, as ``config`` says).
       max_shard_bytes: split the weights into shards of at most this size,
         with a ``model.safetensors.index.json``.
+      extra_config: more ``config.json`` keys (token ids, a tokenizer note);
+        they may not override the keys the config itself defines.
 
     Returns:
       the file names written.
@@ -193,6 +198,10 @@ def save_pretrained(path: str | os.PathLike, config: LlamaConfig | LlamaForCausa
         config = config.config
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    hf = config_to_hf(config)
+    clash = sorted(set(extra_config or ()) & set(hf))
+    if clash:
+        raise ValueError(f"save_pretrained: extra_config may not override {clash}")
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
+        json.dump({**hf, **(extra_config or {})}, f, indent=2, sort_keys=True)
     return ["config.json"] + st.write_folder(path, params_to_hf(params, config), max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,593 @@
+"""The ``lora-jax`` command: train, merge, generate with and inspect LoRA adapters of Llama models.
+
+Models are Hugging Face Llama folders (``config.json`` + safetensors) and
+adapters are PEFT folders (``adapter_config.json`` +
+``adapter_model.safetensors``), so what ``train`` writes loads in PyTorch with
+``PeftModel.from_pretrained`` and what ``merge`` writes with
+``AutoModelForCausalLM.from_pretrained``.
+
+A problem the user can fix prints one line, ``lora-jax <command>: error:
+<message>``, and exits with 2 (a wrong command line: a missing path, a bad
+value) or 1 (found while running); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax import backend
+from lora_jax.cli_data import (CliError, encode_checked, eos_token_id, existing_file, fingerprint, folder_bytes,
+                               load_adapter, load_fitting_adapter, load_model, load_tokenizer, read_documents,
+                               read_json, tokenize_documents, window_batch)
+from lora_jax.config import LoraConfig
+from lora_jax.io import Checkpointer, TrainState, UnsupportedAdapterError, save_peft
+from lora_jax.io.names import to_torch
+from lora_jax.linen import init_lora, lora_apply
+from lora_jax.models import from_pretrained, generate, save_pretrained
+from lora_jax.models.hf import config_to_hf
+from lora_jax.train import make_train_step
+from lora_jax.tree import adapters, count_params, merge
+
+PROG = "lora-jax"
+CHECKPOINTS = "checkpoints"
+RUN_FILE = "lora_jax_train.json"          # the settings of a training run, checked on --resume
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# config.json keys save_pretrained writes in another form; every other key of the base is carried over.
+REWRITTEN_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
+# Settings that must not change when a run is resumed (steps and save_every may).
+RESUME_KEYS = ("data_tokens", "rank", "alpha", "targets", "dropout", "lr", "weight_decay", "max_grad_norm",
+               "batch_size", "seq_len", "seed")
+
+__all__ = ["CliError", "build_parser", "delta_singular_values", "main", "spectrum_summary"]
+
+
+# ---- shared helpers
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _use_backend(args) -> None:
+    device = backend.use(args.backend)
+    if args.debug:
+        _note(f"backend: {backend.describe(device)}")
+
+
+# ---- train
+
+def _next_token_loss(model, batch):
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``."""
+    logits = model(batch[:, :-1]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+def _optimizer(lr: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx) if max_grad_norm > 0 else tx
+
+
+@functools.lru_cache(maxsize=4)
+def _train_step(module, config: LoraConfig, lr: float, weight_decay: float, max_grad_norm: float):
+    """``(optimizer, jitted step)``, cached so that repeated runs in one process compile once."""
+    tx = _optimizer(lr, weight_decay, max_grad_norm)
+    return tx, make_train_step(lora_apply(module, config), _next_token_loss, tx)
+
+
+def _saved_steps(ckpt_dir: str) -> list[int]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
+
+
+def _check_same_run(out: str, settings: dict) -> None:
+    """On ``--resume``: the settings that shape the result must equal those the run started with."""
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.isfile(path):
+        _note(f"note: no {RUN_FILE} in {out}; cannot check that the settings match the checkpointed run")
+        return
+    saved = read_json(path)
+    changed = [k for k in RESUME_KEYS if saved.get(k) != settings[k]]
+    if "data_tokens" in changed:
+        raise CliError(f"--resume: the data differ from the checkpointed run's (tokens {settings['data_tokens']}, "
+                       f"the run had {saved.get('data_tokens')}); resuming would not reproduce it")
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {settings[k]} (the run used {saved.get(k)})" for k in changed)
+        raise CliError(f"--resume: settings differ from the checkpointed run: {diffs}")
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, completed: int):
+    """Yields ``advance(loss)``; draws a rich progress bar with the loss when stderr is a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not _interactive()) as bar:
+        task = bar.add_task("train", total=total, completed=completed, loss="-")
+        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")
+
+
+def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
+    losses = []
+    with _progress_bar(args.steps, state.step) as advance:
+        while state.step < args.steps:
+            i = state.step
+            batch = jnp.asarray(window_batch(tokens, seed=args.seed, step=i, batch_size=args.batch_size,
+                                             seq_len=args.seq_len))
+            rng = jax.random.fold_in(state.rng, i) if dropout else None
+            lora, opt_state, metrics = step_fn(state.lora, state.opt_state, base, batch, rng)
+            state = TrainState(lora, opt_state, i + 1, state.rng)
+            losses.append(float(metrics["loss"]))
+            if not math.isfinite(losses[-1]):
+                raise CliError(f"step {i + 1}: the loss is {losses[-1]}; try a lower --lr")
+            advance(losses[-1])
+            if state.step % args.save_every == 0 or state.step == args.steps:
+                ckpt.save(state, base=base)
+                _note(f"step {state.step}/{args.steps}: loss {losses[-1]:.4f}, checkpoint saved")
+    return state, losses
+
+
+def run_train(args) -> int:
+    _use_backend(args)
+    existing_file(args.data, "--data")
+    ckpt_dir = os.path.join(args.out, CHECKPOINTS)
+    saved = _saved_steps(ckpt_dir)
+    if saved and not args.resume:
+        raise CliError(f"--out {args.out!r} already holds checkpoints (steps {saved}); pass --resume to continue "
+                       f"that run, or choose another --out")
+    if args.resume and not saved:
+        raise CliError(f"--resume: no checkpoints in {ckpt_dir!r}; drop --resume to start a new run")
+    if saved and saved[-1] > args.steps:
+        raise CliError(f"--resume: the latest checkpoint is step {saved[-1]}, beyond --steps {args.steps}")
+    module, base, hf = load_model(args.model, show_progress=_interactive())
+    tokenizer = load_tokenizer(args.model, hf)
+    tokens = tokenize_documents(tokenizer, read_documents(args.data), module.config.vocab_size, args.data)
+    if len(tokens) < args.seq_len + 1:
+        raise CliError(f"--data {args.data}: {len(tokens)} tokens, fewer than --seq-len + 1 = {args.seq_len + 1}; "
+                       f"use more text or a smaller --seq-len")
+    settings = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data),
+                "data_tokens": fingerprint(tokens), "rank": args.rank, "alpha": args.alpha,
+                "targets": args.targets, "dropout": args.dropout, "lr": args.lr, "weight_decay": args.weight_decay,
+                "max_grad_norm": args.max_grad_norm, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "seed": args.seed}
+    if args.resume:
+        _check_same_run(args.out, settings)
+    config = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), dropout=args.dropout)
+    key_lora, key_dropout = jax.random.split(jax.random.key(args.seed))
+    sample = jnp.zeros((args.batch_size, args.seq_len), jnp.int32)
+    lora = init_lora(config, module, base, sample, rng=key_lora)
+    tx, step_fn = _train_step(module, config, args.lr, args.weight_decay, args.max_grad_norm)
+    # Committed to the device, as restored arrays are, so both start the same compiled step.
+    state = TrainState(*jax.device_put((lora, tx.init(lora)), backend.current(), may_alias=False), step=0,
+                       rng=jax.device_put(key_dropout, backend.current()))
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume:
+        with open(os.path.join(args.out, RUN_FILE), "w") as f:
+            json.dump({"format": "lora_jax.cli.train/1", **settings}, f, indent=2)
+    with Checkpointer(ckpt_dir, base_ref=os.path.abspath(args.model)) as ckpt:
+        if args.resume:
+            state = ckpt.restore(state, base=base)
+            _note(f"resumed from step {state.step} ({ckpt_dir})")
+        state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0)
+        ckpt.save(state, base=base)
+        steps_saved = ckpt.all_steps()
+    files = save_peft(args.out, state.lora, config, base_params=base, task_type="CAUSAL_LM",
+                      base_model_name_or_path=args.model)
+    _print_train_summary(args, base, state, losses, files, steps_saved, len(tokens))
+    return 0
+
+
+def _print_train_summary(args, base, state, losses, files, steps_saved, n_tokens):
+    trainable, total = count_params(state.lora), count_params(base)
+    print(f"trainable parameters: {trainable:,} ({100 * trainable / total:.2f}% of the base model's {total:,})")
+    if losses:
+        first = state.step - len(losses) + 1
+        print(f"loss: {losses[0]:.4f} (step {first}) -> {losses[-1]:.4f} (step {state.step}), "
+              f"{n_tokens:,} tokens of data")
+    else:
+        print(f"no steps to run: the checkpoint is already at step {state.step}")
+    print(f"wrote {', '.join(files + [RUN_FILE])} to {args.out}")
+    print(f"checkpoints: {os.path.join(args.out, CHECKPOINTS)} (steps {', '.join(map(str, steps_saved))})")
+    adapter, base_size = folder_bytes(args.out), folder_bytes(args.model)
+    print(f"adapter size: {adapter:,} bytes, {100 * adapter / max(base_size, 1):.2f}% of the base model's "
+          f"{base_size:,} bytes")
+
+
+# ---- merge
+
+def _extra_config(module, hf: dict) -> dict:
+    """The base's config.json keys that save_pretrained does not derive from the LlamaConfig (token ids, ...)."""
+    derived = set(config_to_hf(module.config))
+    return {k: v for k, v in hf.items() if k not in derived and k not in REWRITTEN_KEYS}
+
+
+def _copy_tokenizer(model_dir: str, out: str) -> list[str]:
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, n))]
+    for name in copied:
+        shutil.copyfile(os.path.join(model_dir, name), os.path.join(out, name))
+    return copied
+
+
+@functools.lru_cache(maxsize=4)
+def _forward(module, config: LoraConfig | None):
+    """Jitted ``logits(params, lora, ids)`` of ``module``, with the adapters of ``config`` unless it is None."""
+    if config is None:
+        return jax.jit(lambda params, lora, ids: module.apply({"params": params}, ids))
+    return jax.jit(lora_apply(module, config))
+
+
+def _probe_ids(vocab_size: int, length: int = 16) -> jnp.ndarray:
+    return jnp.asarray((np.arange(length) * 37 + 11) % vocab_size, jnp.int32)[None, :]
+
+
+def run_merge(args) -> int:
+    _use_backend(args)
+    if os.path.realpath(args.out) in (os.path.realpath(args.model), os.path.realpath(args.adapter)):
+        raise CliError("--out must be a new folder, not the --model or --adapter folder", code=2)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise CliError(f"--out {args.out!r} is not empty; choose a new folder", code=2)
+    module, base, hf = load_model(args.model, show_progress=_interactive())
+    lora, config = load_fitting_adapter(base, args.adapter)
+    files = save_pretrained(args.out, module, merge(base, lora, config), extra_config=_extra_config(module, hf))
+    files += _copy_tokenizer(args.model, args.out)
+    _, reread = from_pretrained(args.out, show_progress=False)
+    ids = _probe_ids(module.config.vocab_size)
+    unmerged = _forward(module, config)(base, lora, ids)
+    merged = _forward(module, None)(reread, None, ids)
+    diff = float(jnp.max(jnp.abs(merged - unmerged)))
+    print(f"merged the {len(adapters(lora))} layers of {args.adapter} into {args.model}'s weights; "
+          f"wrote {', '.join(files)} to {args.out}")
+    print(f"check: max |logit difference| merged vs unmerged on a {ids.shape[1]}-token probe: {diff:.3g} "
+          f"(logits up to {float(jnp.max(jnp.abs(unmerged))):.3g})")
+    return 0
+
+
+# ---- generate
+
+def run_generate(args) -> int:
+    _use_backend(args)
+    module, base, hf = load_model(args.model, show_progress=_interactive())
+    tokenizer = load_tokenizer(args.model, hf)
+    lora, config = load_fitting_adapter(base, args.adapter)
+    vocab = module.config.vocab_size
+    prompt = encode_checked(tokenizer, args.prompt, vocab, "--prompt")
+    if prompt.size == 0:
+        raise CliError("--prompt is empty after tokenization", code=2)
+    if args.top_k is not None and args.top_k > vocab:
+        raise CliError(f"--top-k {args.top_k} exceeds the vocabulary size {vocab}", code=2)
+    eos = eos_token_id(args.model, hf)
+    out = generate(module, base, prompt[None, :], max_new_tokens=args.max_new_tokens, lora=lora, config=config,
+                   temperature=args.temperature, top_k=args.top_k, rng=jax.random.key(args.seed),
+                   eos_token_id=eos)
+    new = [int(t) for t in np.asarray(out)[0, prompt.size:]]
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    print(tokenizer.decode(new))
+    return 0
+
+
+# ---- inspect
+
+def delta_singular_values(a, b, scale: float) -> np.ndarray:
+    """The singular values of ``scale * a @ b`` from the factors alone, largest first.
+
+    With ``a = Q_a R_a`` and ``b.T = Q_b R_b`` (thin QR), ``a @ b = Q_a (R_a R_b^T) Q_b^T``
+    and the orthonormal ``Q`` factors keep singular values, so only the small
+    ``r x r`` core is decomposed; the ``[in, out]`` delta is never formed.
+
+    >>> a = np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]); b = np.eye(2)
+    >>> delta_singular_values(a, b, 0.5).tolist()
+    [1.0, 0.5]
+    """
+    a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, np.float64).reshape(np.shape(b)[0], -1)
+    core_ = np.linalg.qr(a, mode="r") @ np.linalg.qr(b.T, mode="r").T
+    return np.linalg.svd(core_, compute_uv=False) * abs(scale)
+
+
+def spectrum_summary(sigma: np.ndarray) -> tuple[float, float, float]:
+    """``(top singular value, effective rank, top-1 energy share)``.
+
+    The effective rank is ``exp`` of the entropy of ``sigma / sum(sigma)``
+    (Roy & Vetterli); the energy share is ``sigma_1^2 / sum(sigma^2)``. A zero
+    delta gives ``(0, 0, nan)``.
+
+    >>> spectrum_summary(np.array([1.0, 1.0]))
+    (1.0, 2.0, 0.5)
+    """
+    total = float(sigma.sum())
+    if total == 0.0:
+        return 0.0, 0.0, math.nan
+    p = sigma[sigma > 0] / total
+    return float(sigma[0]), float(np.exp(-(p * np.log(p)).sum())), float(sigma[0] ** 2 / (sigma ** 2).sum())
+
+
+def run_inspect(args) -> int:
+    adapter = load_adapter(args.adapter_dir, "ADAPTER_DIR")
+    cfg, peft = adapter.config, adapter.peft_config
+    print(f"adapter: {args.adapter_dir}")
+    print(f"base model: {peft.get('base_model_name_or_path')}  task: {peft.get('task_type')}")
+    print(f"targets: {peft.get('target_modules')}  rank {peft.get('r')}, alpha {peft.get('lora_alpha')}, "
+          f"rsLoRA {'on' if cfg.use_rslora else 'off'}, dropout {cfg.dropout}")
+    size = os.path.getsize(os.path.join(args.adapter_dir, "adapter_model.safetensors"))
+    layers = adapters(adapter.lora)
+    print(f"parameters: {count_params(adapter.lora):,} in {len(layers)} layers; "
+          f"adapter_model.safetensors: {size:,} bytes")
+    header = ("layer", "in x out", "rank", "alpha", "scale", "top sigma", "eff. rank", "top-1 energy")
+    rows = []
+    for path, node in layers.items():
+        name, rank = "/".join(path), int(np.shape(node["a"])[-1])
+        scale = cfg.scaling(name, rank)
+        top, eff, share = spectrum_summary(delta_singular_values(node["a"], node["b"], scale))
+        rows.append((to_torch(name), f"{np.shape(node['a'])[0]} x {np.shape(node['b'])[-1]}", str(rank),
+                     f"{cfg.alpha_for(name):g}", f"{scale:.4g}", f"{top:.4g}", f"{eff:.2f}",
+                     "-" if math.isnan(share) else f"{100 * share:.1f}%"))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return 0
+
+
+# ---- demo (lora_jax/demo/run.py, imported only when the command is "demo")
+
+def _demo_module():
+    try:
+        demo = importlib.import_module("lora_jax.demo.run")
+    except Exception as err:  # noqa: BLE001 -- any failure to import means "no demo here"
+        return None, f"{type(err).__name__}: {err}"
+    return demo, None
+
+
+def run_demo(args) -> int:
+    demo, problem = _demo_module()
+    if demo is None:
+        raise CliError(f"the demo is not available ({problem})")
+    _use_backend(args)
+    return int(demo.main(args) or 0)
+
+
+# ---- the parser
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _dropout(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _targets(text: str) -> list[str]:
+    entries = [t.strip() for t in text.split(",") if t.strip()]
+    if not entries:
+        raise argparse.ArgumentTypeError("must name at least one target")
+    return entries
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder (the frozen base)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help='training text: a plain text file, or .jsonl with a "text" field per line')
+    p.add_argument("--out", required=True, metavar="ADAPTER_DIR",
+                   help="where the PEFT adapter and the checkpoints/ folder go")
+    p.add_argument("--rank", type=_positive_int, default=8, metavar="R", help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=_positive_float, default=16.0, metavar="ALPHA",
+                   help="LoRA alpha; scale = alpha / r (default 16)")
+    p.add_argument("--targets", type=_targets, default=["attention", "mlp"], metavar="LIST",
+                   help="comma-separated layers to adapt: presets attention, mlp, embedding, all-linear; globs "
+                        "such as q_proj or 'layers_?/mlp/*'; or re:<regex> (default attention,mlp)")
+    p.add_argument("--dropout", type=_dropout, default=0.0, metavar="P",
+                   help="dropout on the adapters' input (default 0)")
+    p.add_argument("--steps", type=_positive_int, default=200, metavar="N", help="total training steps (default 200)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.01, metavar="WD",
+                   help="AdamW weight decay (default 0.01)")
+    p.add_argument("--max-grad-norm", type=_nonnegative_float, default=1.0, metavar="NORM",
+                   help="clip the adapters' gradient norm; 0 disables (default 1.0)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, metavar="L", help="tokens per window (default 128)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the adapters' init and the data order (default 0)")
+    p.add_argument("--save-every", type=_positive_int, default=50, metavar="N",
+                   help="write a checkpoint every N steps, and at the end (default 50)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in ADAPTER_DIR/checkpoints to --steps")
+
+
+def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder (the base)")
+    p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT LoRA adapter folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder")
+    p.add_argument("--adapter", metavar="ADAPTER_DIR", help="PEFT LoRA adapter to apply (unmerged)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to add (default 64)")
+    p.add_argument("--temperature", type=_nonnegative_float, default=0.0, metavar="T",
+                   help="0 for greedy decoding, else sampling temperature (default 0)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="with sampling, keep only the K most likely tokens")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling (default 0)")
+
+
+def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT LoRA adapter folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, description, examples, arguments and implementation."""
+
+    help: str
+    description: str
+    examples: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = {
+    "train": Command(
+        "train a LoRA adapter on a text file",
+        "Train a LoRA adapter of a Hugging Face Llama model on plain text or JSONL, with AdamW. Each step takes\n"
+        "random windows of --seq-len tokens (fixed by --seed and the step number, so --resume is exact).\n"
+        "Writes ADAPTER_DIR/adapter_config.json + adapter_model.safetensors (PEFT format) and orbax\n"
+        "checkpoints in ADAPTER_DIR/checkpoints/. The tokenizer is DIR/tokenizer.json, or UTF-8 bytes\n"
+        'when config.json says "lora_jax_tokenizer": "bytes".',
+        "  lora-jax train --model llama-dir --data notes.txt --out my-adapter\n"
+        "  lora-jax train --model llama-dir --data chat.jsonl --out my-adapter --rank 16 --alpha 32 \\\n"
+        "      --targets q_proj,v_proj --steps 1000 --lr 2e-4 --batch-size 4 --seq-len 512\n"
+        "  lora-jax train --model llama-dir --data chat.jsonl --out my-adapter --steps 2000 --resume",
+        _add_train_arguments, run_train),
+    "merge": Command(
+        "fold an adapter into the base weights",
+        "Write a Hugging Face folder whose weights are W + scale * A @ B (no adapter needed to run it),\n"
+        "with the base's tokenizer files; then check merged against unmerged logits on a probe input.",
+        "  lora-jax merge --model llama-dir --adapter my-adapter --out llama-merged",
+        _add_merge_arguments, run_merge),
+    "generate": Command(
+        "continue a prompt, with or without an adapter",
+        "Continue --prompt with the model (and --adapter, applied unmerged); prints the new text only.",
+        "  lora-jax generate --model llama-dir --prompt 'Once upon a time'\n"
+        "  lora-jax generate --model llama-dir --adapter my-adapter --prompt 'Q: why?' --max-new-tokens 32\n"
+        "  lora-jax generate --model llama-dir --prompt 'Hi' --temperature 0.8 --top-k 40 --seed 3",
+        _add_generate_arguments, run_generate),
+    "inspect": Command(
+        "describe an adapter: layers, ranks, scales, spectra",
+        "Print a PEFT adapter's targets, parameter count and file size, and per layer its rank, alpha,\n"
+        "scale and the singular values of its update scale * A @ B (from the small factors; the dense\n"
+        "update is never formed): the largest, the effective rank exp(entropy of sigma / sum sigma) and\n"
+        "the top-1 share of the energy sum sigma^2. The base model is not needed.",
+        "  lora-jax inspect my-adapter",
+        _add_inspect_arguments, run_inspect),
+    "demo": Command(
+        "run the built-in end-to-end demo",
+        "Run the built-in demo (lora_jax/demo/run.py).",
+        "  lora-jax demo\n  lora-jax demo --steps 50 --out /tmp/demo",
+        lambda p: None, run_demo),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--debug``; skipped where a command (the demo) defines them itself."""
+    for flags, kwargs in ((("--backend",), dict(choices=backend.BACKENDS, default="auto",
+                                                help="device to compute on (default auto: an accelerator if "
+                                                     "there is one)")),
+                          (("--debug",), dict(action="store_true", help="show tracebacks instead of one-line "
+                                                                         "errors"))):
+        with contextlib.suppress(argparse.ArgumentError):
+            p.add_argument(*flags, **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``lora-jax`` parser; the demo's own options are added only when ``command == "demo"``."""
+    parser = argparse.ArgumentParser(prog=PROG, description="LoRA adapters for Hugging Face Llama models, in JAX.",
+                                     epilog="Run 'lora-jax COMMAND --help' for a command's options and examples.")
+    from lora_jax import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        add, description = cmd.add_arguments, cmd.description
+        if name == "demo" and command == "demo":
+            demo, _ = _demo_module()
+            if demo is not None:
+                add, description = demo.add_arguments, (demo.__doc__ or description).strip()
+        p = subparsers.add_parser(name, help=cmd.help, description=description, epilog="examples:\n" + cmd.examples,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add(p)
+        _add_common(p)
+    return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _error_message(err: BaseException) -> tuple[int, str]:
+    """``(exit code, one-line message)`` for an exception raised by a command."""
+    if isinstance(err, CliError):
+        return err.code, str(err)
+    if isinstance(err, json.JSONDecodeError):
+        return 1, f"invalid JSON: {err}"
+    if isinstance(err, (UnsupportedAdapterError, ValueError, OSError, backend.BackendUnavailableError)):
+        return 1, str(err).splitlines()[0] if str(err) else type(err).__name__
+    return 1, f"unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _warnings_as_notes(prog: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        _note(f"{prog}: warning: {message}")
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``lora-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error argparse has already printed
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    prog = f"{PROG} {args.command}"
+    try:
+        with _warnings_as_notes(prog):
+            return int(COMMANDS[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _note(f"{prog}: interrupted")
+        return 130
+    except Exception as err:  # noqa: BLE001 -- every error becomes one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        code, message = _error_message(err)
+        _note(f"{prog}: error: {message}")
+        return code

@@ -1,0 +1,410 @@
+"""The ``lora-jax`` command, run in-process on the tiny transformers-written Llama fixture.
+
+Every run uses the same shapes (``--seq-len 16 --batch-size 2``) so the
+training step compiles once for the whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import runpy
+import shutil
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import cli
+from lora_jax.cli_data import ByteTokenizer, check_adapter_fits, fingerprint, window_batch
+from lora_jax.io import Checkpointer, TrainState, load_peft
+from lora_jax.io import tensors as st
+from lora_jax.models import from_pretrained, generate
+from tests.tolerances import assert_close
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TINY = os.path.join(FIXTURES, "llama_tiny")
+PATTERNS = os.path.join(FIXTURES, "adapters", "patterns")
+TEXT = ("LoRA keeps the base weights frozen and trains two small matrices beside each layer. "
+        "The adapter is a few kilobytes, and the base model forgets nothing it knew before. ") * 4
+SHAPE = ["--seq-len", "16", "--batch-size", "2"]
+ONE_LINE_ERROR = re.compile(r"^lora-jax \w+: error: [^\n]+\n$")
+
+
+def run(*argv, debug: bool = False) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``lora-jax argv`` run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    args = [str(a) for a in argv] + (["--debug"] if debug else [])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(args)
+        except SystemExit as exit_:  # main returns its status; this only guards against a regression
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _keep_default_device():
+    before = jax.config.jax_default_device
+    yield
+    jax.config.update("jax_default_device", before)
+
+
+def _tiny_copy(path, tokenizer: str | None = "bytes") -> str:
+    shutil.copytree(TINY, path)
+    if tokenizer:
+        config_path = os.path.join(path, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["lora_jax_tokenizer"] = tokenizer
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "text.txt"
+    data.write_text(TEXT)
+    return {"root": root, "model": _tiny_copy(root / "model"), "data": str(data)}
+
+
+@pytest.fixture(scope="module")
+def trained(paths):
+    """An adapter trained for 4 steps in one go, with checkpoints at steps 2 and 4."""
+    out = str(paths["root"] / "adapter")
+    result = run("train", "--model", paths["model"], "--data", paths["data"], "--out", out, "--steps", 4,
+                 "--save-every", 2, "--backend", "cpu", *SHAPE)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def base(paths):
+    return from_pretrained(paths["model"], show_progress=False)
+
+
+def test_train_writes_a_peft_adapter_that_fits_the_base(trained, paths, base):
+    out, (code, stdout, stderr) = trained
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoints",
+                                       "lora_jax_train.json"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["2", "4"]
+    assert "trainable parameters: 14,848" in stdout and "adapter size:" in stdout
+    assert "step 2/4: loss" in stderr and "step 4/4: loss" in stderr
+    module, params = base
+    adapter = load_peft(out)
+    check_adapter_fits(adapter.lora, params, out)
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        peft = json.load(f)
+    assert (peft["task_type"], peft["base_model_name_or_path"], peft["r"], peft["lora_alpha"]) == \
+        ("CAUSAL_LM", paths["model"], 8, 16.0)
+    assert len(peft["target_modules"]) == 14   # 2 layers x (q, k, v, o, gate, up, down)
+    assert adapter.config.scaling("model/layers_0/self_attn/q_proj") == 2.0
+    b = adapter.lora["model"]["layers_1"]["mlp"]["down_proj"]["b"]
+    assert np.abs(b).max() > 0   # B starts at zero; training moved it
+    # The PEFT file holds exactly the adapters of the last checkpoint.
+    like = TrainState(adapter.lora, cli._optimizer(1e-3, 0.01, 1.0).init(adapter.lora), 0, jax.random.key(0))
+    with Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
+        last = ckpt.restore(like, base=params)
+    assert last.step == 4
+    for x, y in zip(jax.tree.leaves(last.lora), jax.tree.leaves(adapter.lora)):
+        np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_resume_gives_bitwise_the_same_adapter(trained, paths):
+    out = str(paths["root"] / "resumed")
+    common = ["--model", paths["model"], "--data", paths["data"], "--out", out, "--save-every", 2, *SHAPE]
+    assert run("train", *common, "--steps", 2)[0] == 0
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["2"]
+    code, stdout, stderr = run("train", *common, "--steps", 4, "--resume")
+    assert code == 0, stderr
+    assert "resumed from step 2" in stderr and "(step 3) ->" in stdout
+    whole = st.read(os.path.join(trained[0], "adapter_model.safetensors"))
+    resumed = st.read(os.path.join(out, "adapter_model.safetensors"))
+    assert sorted(whole) == sorted(resumed)
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+def test_resume_refuses_changed_settings(trained, paths):
+    code, _, stderr = run("train", "--model", paths["model"], "--data", paths["data"], "--out", trained[0],
+                          "--steps", 6, "--resume", "--lr", "0.01", *SHAPE)
+    assert code == 1 and ONE_LINE_ERROR.match(stderr)
+    assert "--lr 0.01 (the run used 0.001)" in stderr
+    assert sorted(os.listdir(os.path.join(trained[0], "checkpoints"))) == ["2", "4"]
+
+
+def test_merge_writes_a_folder_with_the_unmerged_logits(trained, paths, base, tmp_path):
+    out = str(tmp_path / "merged")
+    code, stdout, stderr = run("merge", "--model", paths["model"], "--adapter", trained[0], "--out", out)
+    assert code == 0, stderr
+    diff = float(re.search(r"merged vs unmerged on a 16-token probe: (\S+)", stdout).group(1))
+    assert diff < 1e-5
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["lora_jax_tokenizer"] == "bytes" and config["eos_token_id"] == 2
+    module, params = base
+    merged_module, merged = from_pretrained(out, show_progress=False)
+    adapter = load_peft(trained[0])
+    ids = jnp.asarray([list(b"LoRA keeps frozen")[:16]], jnp.int32)
+    # The jitted forwards the command used for its own check: this input's shape is its probe's, so no
+    # recompilation; the folder is read back here independently.
+    expected = cli._forward(module, adapter.config)(params, adapter.lora, ids)
+    assert_close(cli._forward(merged_module, None)(merged, None, ids), expected, what="merged vs unmerged logits")
+    base_logits = cli._forward(module, None)(params, None, ids)
+    assert float(jnp.max(jnp.abs(expected - base_logits))) > 1e-4   # the adapter changes the logits
+    # A second merge into the same (now non-empty) folder is refused.
+    code, _, stderr = run("merge", "--model", paths["model"], "--adapter", trained[0], "--out", out)
+    assert code == 2 and "is not empty" in stderr
+
+
+def test_generate_is_greedy_by_default_and_matches_the_library(trained, paths, base):
+    argv = ["generate", "--model", paths["model"], "--adapter", trained[0], "--prompt", "LoRA keeps",
+            "--max-new-tokens", 8]
+    code, first, stderr = run(*argv)
+    assert code == 0, stderr
+    assert run(*argv)[1] == first
+    module, params = base
+    adapter = load_peft(trained[0])
+    tokens = generate(module, params, jnp.asarray([list(b"LoRA keeps")], jnp.int32), max_new_tokens=8,
+                      lora=adapter.lora, config=adapter.config, eos_token_id=2)
+    new = np.asarray(tokens)[0, len("LoRA keeps"):].tolist()
+    new = new[:new.index(2)] if 2 in new else new
+    assert first == ByteTokenizer().decode(new) + "\n"
+    sampled = run(*argv, "--temperature", "1.5", "--seed", "3")[1]
+    assert run(*argv, "--temperature", "1.5", "--seed", "3")[1] == sampled
+
+
+def test_inspect_prints_per_layer_ranks_and_singular_values():
+    code, stdout, stderr = run("inspect", PATTERNS)
+    assert code == 0, stderr
+    assert "parameters: 5,760 in 10 layers" in stdout
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.startswith("model.")}
+    assert len(rows) == 10
+    # columns: name, in, "x", out, rank, alpha, scale, top sigma, eff. rank, top-1 energy
+    assert rows["model.layers.0.self_attn.q_proj"][4] == "2"
+    assert rows["model.layers.1.self_attn.q_proj"][4] == "4"
+    assert rows["model.layers.0.mlp.down_proj"][4] == "6" and rows["model.layers.1.mlp.down_proj"][4] == "6"
+    assert rows["model.layers.0.self_attn.o_proj"][5:7] == ["3", "0.75"]
+    adapter = load_peft(PATTERNS)
+    for name, row in rows.items():
+        path = name.replace("layers.", "layers_").replace(".", "/")
+        node = adapter.lora
+        for key in path.split("/"):
+            node = node[key]
+        scale = adapter.config.scaling(path, node["a"].shape[-1])
+        sigma = np.linalg.svd(scale * node["a"].astype(np.float64) @ node["b"], compute_uv=False)
+        assert float(row[7]) == pytest.approx(sigma[0], rel=1e-3), name
+        assert float(row[9].rstrip("%")) == pytest.approx(100 * sigma[0] ** 2 / (sigma ** 2).sum(), abs=0.06)
+
+
+@pytest.mark.parametrize("shape", [(12, 3, 7), (5, 5, 9), (40, 1, 4), (6, 4, 4)])
+def test_delta_singular_values_match_a_dense_svd(shape):
+    d_in, r, d_out = shape
+    rng = np.random.default_rng(sum(shape))
+    a, b = rng.normal(size=(d_in, r)), rng.normal(size=(r, d_out))
+    sigma = cli.delta_singular_values(a, b, 0.7)
+    dense = np.linalg.svd(0.7 * a @ b, compute_uv=False)[:r]
+    np.testing.assert_allclose(sigma, dense, rtol=1e-10, atol=1e-12)
+    rank_one = cli.delta_singular_values(a[:, :1] @ np.ones((1, r)), b, 2.0)   # a of rank 1
+    assert rank_one[0] > 0 and np.all(rank_one[1:] < 1e-12 * rank_one[0])
+
+
+def test_spectrum_summary():
+    assert cli.spectrum_summary(np.array([2.0, 2.0, 2.0])) == pytest.approx((2.0, 3.0, 1 / 3))
+    top, eff, share = cli.spectrum_summary(np.array([3.0, 0.0]))
+    assert (top, eff, share) == (3.0, 1.0, 1.0)
+    top, eff, share = cli.spectrum_summary(np.zeros(4))
+    assert (top, eff) == (0.0, 0.0) and np.isnan(share)
+
+
+def test_train_reads_jsonl(paths, tmp_path):
+    texts = ["The first record is about frozen weights.", "The second one: two small matrices per layer.",
+             "A third, so that there is enough text for a few windows of sixteen tokens."]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n\n")
+    out = tmp_path / "adapter"
+    code, _, stderr = run("train", "--model", paths["model"], "--data", data, "--out", out, "--steps", 1, *SHAPE)
+    assert code == 0, stderr
+    with open(out / "lora_jax_train.json") as f:
+        assert json.load(f)["data_tokens"] == fingerprint(np.frombuffer("".join(texts).encode(), np.uint8))
+    assert sorted(os.listdir(out / "checkpoints")) == ["1"]
+
+
+def test_train_and_generate_with_a_tokenizer_json(paths, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", TEXT)))
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tokenizer.get_vocab_size() <= 128
+    model = _tiny_copy(tmp_path / "model", tokenizer=None)   # no "lora_jax_tokenizer": tokenizer.json is used
+    tokenizer.save(os.path.join(model, "tokenizer.json"))
+    out = tmp_path / "adapter"
+    code, _, stderr = run("train", "--model", model, "--data", paths["data"], "--out", out, "--steps", 2, *SHAPE)
+    assert code == 0, stderr
+    with open(out / "lora_jax_train.json") as f:
+        expected = np.asarray(tokenizer.encode(TEXT).ids, np.int32)
+        assert json.load(f)["data_tokens"] == fingerprint(expected)
+    # A prompt of 10 tokens and 8 new ones, as in the byte-level generate test: the compiled loop is reused.
+    prompt = "LoRA keeps the base weights frozen and trains two small"
+    assert len(tokenizer.encode(prompt).ids) == 10
+    code, stdout, stderr = run("generate", "--model", model, "--adapter", out, "--prompt", prompt,
+                               "--max-new-tokens", 8)
+    assert code == 0, stderr
+    assert set(stdout.split()) <= set(words) and len(stdout.split()) >= 1   # eos id 2 may end it early
+
+
+def test_window_batches_depend_on_seed_and_step_only():
+    tokens = np.arange(1000, dtype=np.int32)
+    later = window_batch(tokens, seed=1, step=7, batch_size=4, seq_len=16)
+    for step in range(7):
+        window_batch(tokens, seed=1, step=step, batch_size=4, seq_len=16)
+    np.testing.assert_array_equal(window_batch(tokens, seed=1, step=7, batch_size=4, seq_len=16), later)
+    assert not np.array_equal(window_batch(tokens, seed=1, step=8, batch_size=4, seq_len=16), later)
+    assert not np.array_equal(window_batch(tokens, seed=2, step=7, batch_size=4, seq_len=16), later)
+    assert later.shape == (4, 17)
+
+
+# ---- errors: one line on stderr and a status, or with --debug the exception itself
+
+def _bad_jsonl(root):
+    path = root / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken"\n')
+    return path
+
+
+def _short(root):
+    path = root / "short.txt"
+    path.write_text("only a few bytes")
+    return path
+
+
+def _non_ascii(root):
+    path = root / "non_ascii.txt"
+    path.write_text("naïve café " * 20)
+    return path
+
+
+def _elsewhere_adapter(root):
+    """The fixture adapter `plain` moved to a layer index the 2-layer base lacks."""
+    path = root / "elsewhere"
+    path.mkdir(exist_ok=True)
+    plain = os.path.join(FIXTURES, "adapters", "plain")
+    shutil.copy(os.path.join(plain, "adapter_config.json"), path)
+    tensors = st.read(os.path.join(plain, "adapter_model.safetensors"))
+    st.write(path / "adapter_model.safetensors", {k.replace("layers.1.", "layers.5."): v for k, v in tensors.items()})
+    return path
+
+
+def _no_tokenizer_model(root):
+    path = root / "no_tokenizer"
+    return path if path.exists() else _tiny_copy(path, tokenizer=None)
+
+
+ERRORS = {
+    # name: (argv given the paths and the trained adapter, exit code, a fragment of the message)
+    "missing model": (lambda p, a: ["train", "--model", p["root"] / "nope", "--data", p["data"], "--out",
+                                    p["root"] / "o1"], 2, "no such folder"),
+    "missing data": (lambda p, a: ["train", "--model", p["model"], "--data", p["root"] / "nope.txt", "--out",
+                                   p["root"] / "o2"], 2, "no such file"),
+    "bad jsonl line": (lambda p, a: ["train", "--model", p["model"], "--data", _bad_jsonl(p["root"]), "--out",
+                                     p["root"] / "o3"], 1, "line 2: not valid JSON"),
+    "data too short": (lambda p, a: ["train", "--model", p["model"], "--data", _short(p["root"]), "--out",
+                                     p["root"] / "o4", *SHAPE], 1, "16 tokens, fewer than --seq-len + 1 = 17"),
+    "non-ascii bytes": (lambda p, a: ["train", "--model", p["model"], "--data", _non_ascii(p["root"]), "--out",
+                                      p["root"] / "o5"], 1, "vocabulary has only 128 entries"),
+    "checkpoints without --resume": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out", a],
+                                     1, "pass --resume"),
+    "--resume without checkpoints": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out",
+                                                   p["root"] / "o6", "--resume"], 1, "no checkpoints"),
+    "adapter of another shape": (lambda p, a: ["merge", "--model", p["model"], "--adapter",
+                                               os.path.join(FIXTURES, "adapters", "tied_attn"), "--out",
+                                               p["root"] / "o7"], 1, "do not fit its weight [64, 32]"),
+    "adapter of a missing layer": (lambda p, a: ["generate", "--model", p["model"], "--adapter",
+                                                 _elsewhere_adapter(p["root"]), "--prompt", "hi"],
+                                   1, "'model.layers.5.self_attn.q_proj' does not exist in the base model"),
+    "not a PEFT folder": (lambda p, a: ["inspect", p["model"]], 1, "is not a PEFT adapter folder"),
+    "not a model folder": (lambda p, a: ["generate", "--model", a, "--prompt", "hi"], 1, "no config.json"),
+    "no tokenizer": (lambda p, a: ["generate", "--model", _no_tokenizer_model(p["root"]), "--prompt", "hi"],
+                     1, "no tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_one_line_without_traceback(case, debug, paths, trained):
+    make_argv, expected_code, fragment = ERRORS[case]
+    argv = make_argv(paths, trained[0])
+    if debug:
+        with pytest.raises(Exception, match=re.escape(fragment)):
+            run(*argv, debug=True)
+        return
+    code, stdout, stderr = run(*argv)
+    assert code == expected_code, stderr
+    assert ONE_LINE_ERROR.match(stderr), stderr
+    assert fragment in stderr and "Traceback" not in stderr and stdout == ""
+
+
+def test_usage_errors_exit_with_2():
+    code, _, stderr = run("train", "--model", "m", "--data", "d", "--out", "o", "--rank", "0")
+    assert code == 2 and "--rank: must be a positive integer" in stderr
+    assert run()[0] == 2
+    assert run("frobnicate")[0] == 2
+
+
+# ---- help, the demo hook, python -m
+
+@pytest.mark.parametrize("command", ["train", "merge", "generate", "inspect"])
+def test_every_command_has_help_with_examples(command):
+    code, stdout, _ = run(command, "--help")
+    assert code == 0
+    assert stdout.startswith(f"usage: lora-jax {command}")
+    assert f"examples:\n  lora-jax {command} " in stdout and "--backend" in stdout and "--debug" in stdout
+
+
+def test_top_level_help_lists_the_commands():
+    code, stdout, _ = run("--help")
+    assert code == 0
+    for command in ("train", "merge", "generate", "inspect", "demo"):
+        assert re.search(rf"^\s+{command}\s+\S", stdout, re.M), command
+
+
+def test_demo_without_its_module_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lora_jax.demo.run", None)   # makes the import fail
+    code, _, stderr = run("demo")
+    assert code == 1 and ONE_LINE_ERROR.match(stderr) and "the demo is not available" in stderr
+
+
+def test_demo_delegates_to_lora_jax_demo_run(monkeypatch):
+    seen = {}
+
+    def fake_main(args):
+        seen["args"] = args
+        return 7
+
+    fake = types.ModuleType("lora_jax.demo.run")
+    fake.add_arguments = lambda parser: parser.add_argument("--size", type=int, default=1)
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "lora_jax.demo.run", fake)
+    code, _, stderr = run("demo", "--size", "3", "--backend", "cpu")
+    assert code == 7, stderr
+    assert (seen["args"].size, seen["args"].backend) == (3, "cpu")
+    code, stdout, _ = run("demo", "--help")
+    assert code == 0 and "--size" in stdout
+
+
+def test_python_dash_m_runs_the_same_command(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["python -m lora_jax", "inspect", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(os.path.join(os.path.dirname(cli.__file__), "__main__.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: lora-jax inspect")
