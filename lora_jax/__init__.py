@@ -11,7 +11,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.linen import find_layers, init_lora, lora_apply
 from lora_jax.report import Summary, summary
 from lora_jax.targets import Layer, select
-from lora_jax.train import make_train_step
+from lora_jax.train import make_full_train_step, make_train_step
 from lora_jax.tree import adapter_paths, adapters, count_params, merge, unmerge
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "init_lora",
     "io",
     "lora_apply",
+    "make_full_train_step",
     "make_train_step",
     "merge",
     "models",
