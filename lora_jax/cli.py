@@ -38,6 +38,7 @@ from lora_jax.cli_data import (CliError, encode_checked, eos_token_id, existing_
 from lora_jax.config import LoraConfig
 from lora_jax.io import Checkpointer, TrainState, UnsupportedAdapterError, save_peft
 from lora_jax.io.names import to_torch
+from lora_jax.io.progress import loss_progress
 from lora_jax.linen import init_lora, lora_apply
 from lora_jax.models import from_pretrained, generate, save_pretrained
 from lora_jax.models.hf import config_to_hf
@@ -115,22 +116,9 @@ def _check_same_run(out: str, settings: dict) -> None:
         raise CliError(f"--resume: settings differ from the checkpointed run: {diffs}")
 
 
-@contextlib.contextmanager
-def _progress_bar(total: int, completed: int):
-    """Yields ``advance(loss)``; draws a rich progress bar with the loss when stderr is a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not _interactive()) as bar:
-        task = bar.add_task("train", total=total, completed=completed, loss="-")
-        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")
-
-
 def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
     losses = []
-    with _progress_bar(args.steps, state.step) as advance:
+    with loss_progress(args.steps, "training", completed=state.step, enabled=_interactive(), stderr=True) as bar:
         while state.step < args.steps:
             i = state.step
             batch = jnp.asarray(window_batch(tokens, seed=args.seed, step=i, batch_size=args.batch_size,
@@ -141,7 +129,7 @@ def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
             losses.append(float(metrics["loss"]))
             if not math.isfinite(losses[-1]):
                 raise CliError(f"step {i + 1}: the loss is {losses[-1]}; try a lower --lr")
-            advance(losses[-1])
+            bar.advance(losses[-1])
             if state.step % args.save_every == 0 or state.step == args.steps:
                 ckpt.save(state, base=base)
                 _note(f"step {state.step}/{args.steps}: loss {losses[-1]:.4f}, checkpoint saved")
