@@ -13,6 +13,18 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
 
 
+def _update(objective, params, opt_state, optimizer, has_aux: bool):
+    """One optimizer step on ``params`` for ``objective(params)``; returns ``(params, opt_state, metrics)``."""
+    value, grads = jax.value_and_grad(objective, has_aux=has_aux)(params)
+    loss, aux = value if has_aux else (value, None)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics: dict[str, Any] = {"loss": loss, "grad_norm": _global_norm(grads)}
+    if has_aux:
+        metrics["aux"] = aux
+    return params, opt_state, metrics
+
+
 def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     has_aux: bool = False, donate: bool = True) -> Callable:
     """Builds ``step(lora_params, opt_state, base_params, batch, rng=None)``.
@@ -57,14 +69,7 @@ def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gradien
 
             return loss_fn(model, batch)
 
-        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(lora_params)
-        loss, aux = value if has_aux else (value, None)
-        updates, opt_state = optimizer.update(grads, opt_state, lora_params)
-        lora_params = optax.apply_updates(lora_params, updates)
-        metrics: dict[str, Any] = {"loss": loss, "grad_norm": _global_norm(grads)}
-        if has_aux:
-            metrics["aux"] = aux
-        return lora_params, opt_state, metrics
+        return _update(objective, lora_params, opt_state, optimizer, has_aux)
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
@@ -98,13 +103,6 @@ def make_full_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gr
         def objective(p):
             return loss_fn(lambda *args, **kwargs: apply(p, *args, **kwargs), batch)
 
-        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(params)
-        loss, aux = value if has_aux else (value, None)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics: dict[str, Any] = {"loss": loss, "grad_norm": _global_norm(grads)}
-        if has_aux:
-            metrics["aux"] = aux
-        return params, opt_state, metrics
+        return _update(objective, params, opt_state, optimizer, has_aux)
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())

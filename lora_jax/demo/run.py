@@ -52,7 +52,7 @@ class Run:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags (used by ``lora-jax demo``)."""
-    parser.add_argument("--steps", type=int, default=150, help="training steps of each method (default 150)")
+    parser.add_argument("--steps", type=int, default=80, help="training steps of each method (default 80)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     parser.add_argument("--out", default="lora_jax_demo", help="output folder (default ./lora_jax_demo)")
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default 128)")
     parser.add_argument("--lr-full", type=float, default=1e-3, help="AdamW rate of full fine-tuning (default 1e-3)")
     parser.add_argument("--lr-lora", type=float, default=5e-3, help="AdamW rate of LoRA (default 5e-3)")
-    parser.add_argument("--eval-every", type=int, default=25, help="evaluate both held-out sets every N steps")
+    parser.add_argument("--eval-every", type=int, default=20, help="evaluate both held-out sets every N steps")
     parser.add_argument("--sample-tokens", type=int, default=SAMPLE_TOKENS,
                         help=f"bytes generated per text sample (default {SAMPLE_TOKENS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
