@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 from lora_jax.tree import get_path, set_path
@@ -58,8 +59,6 @@ def stack_layers(tree: Mapping, container: tuple[str, ...] = ("model",), name: s
     >>> stack_layers(t)["model"]["layers"]["w"].tolist()
     [[0.0, 0.0], [1.0, 1.0]]
     """
-    import jax
-
     parent = _get(tree, container)
     indexed = {}
     for key in parent:
@@ -90,8 +89,6 @@ def unstack_layers(tree: Mapping, container: tuple[str, ...] = ("model",), name:
     >>> unstack_layers(t)["model"]["layers_1"]["w"].tolist()
     [2, 3]
     """
-    import jax
-
     parent = _get(tree, container)
     if name not in parent:
         raise ValueError(f"{'/'.join(container)} has no stacked {name!r} subtree (found {sorted(parent)})")
