@@ -128,6 +128,82 @@ def _samples(model, params, lora=None, config=None, *, seed: int, tokens: int) -
     return out
 
 
+def _loss(m, ids):
+    return causal_lm_loss(m(ids), ids)
+
+
+def _batches(args, dialect):
+    return data.train_batches(dialect.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+
+
+def _full_finetune(args, model, base, dialect, evaluate, show) -> tuple[Run, dict]:
+    """Trains every parameter; returns the run's measurements and the fine-tuned params."""
+    tx = optax.adamw(args.lr_full)
+    step = L.make_full_train_step(lambda p, *a: model.apply({"params": p}, *a), _loss, tx)
+    params = jax.tree.map(jnp.array, base)   # a copy: the step donates it
+    run = Run("full fine-tune", L.count_params(params))
+    compiled, run.compile_s = _aot(step, params, tx.init(params), jnp.asarray(next(_batches(args, dialect))))
+    run.memory = compiled_memory(compiled)
+    params, _ = _train(run, compiled, (params, tx.init(params)), (), _batches(args, dialect), evaluate,
+                       steps=args.steps, eval_every=args.eval_every, show=show)
+    return run, params
+
+
+def _lora_finetune(args, model, base, dialect, windows, show):
+    """Trains a LoRA adapter; returns the run's measurements, the adapter, its config and apply function."""
+    batch0 = jnp.asarray(next(_batches(args, dialect)))
+    cfg = L.LoraConfig(rank=args.rank, alpha=args.alpha, targets=("attention", "mlp"))
+    lora = L.init_lora(cfg, model, base, batch0, rng=jax.random.key(args.seed))
+    apply = L.lora_apply(model, cfg)
+    lora_eval = _loss_eval(lambda adapter, ids: apply(base, adapter, ids))
+    evaluate = lambda state: (lora_eval(state[0], windows["dialect"]), lora_eval(state[0], windows["base"]))
+    tx = optax.adamw(args.lr_lora)
+    step = L.make_train_step(apply, _loss, tx)
+    run = Run("LoRA", L.count_params(lora))
+    compiled, run.compile_s = _aot(step, lora, tx.init(lora), base, batch0)
+    run.memory = compiled_memory(compiled)
+    lora, _ = _train(run, compiled, (lora, tx.init(lora)), (base,), _batches(args, dialect), evaluate,
+                     steps=args.steps, eval_every=args.eval_every, show=show)
+    return run, lora, cfg, apply
+
+
+def _checks(model, base, base_copy, lora, cfg, apply, probe) -> dict:
+    """merged == unmerged, adapter off == base (bitwise), on again == on, base params untouched."""
+    unmerged = apply(base, lora, probe)
+    merged = model.apply({"params": L.merge(base, lora, cfg)}, probe)
+    base_logits = model.apply({"params": base}, probe)
+    untouched = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), base_copy, jax.tree.map(np.asarray, base))
+    return {
+        "merged_vs_unmerged_max_abs": float(jnp.max(jnp.abs(merged - unmerged))),
+        "max_abs_logit": float(jnp.max(jnp.abs(unmerged))),
+        "adapter_off_equals_base": bool(jnp.array_equal(apply(base, None, probe), base_logits)),
+        "adapter_on_again_equal": bool(jnp.array_equal(apply(base, lora, probe), unmerged)),
+        "adapter_changes_logits_by": float(jnp.max(jnp.abs(unmerged - base_logits))),
+        "base_params_unchanged": all(jax.tree.leaves(untouched)),
+    }
+
+
+def _save(out: Path, base_dir, base, lora, cfg, params) -> dict:
+    """Writes the adapter (PEFT) and the fully fine-tuned model (as the base is stored); returns file sizes."""
+    adapter_dir, full_dir = out / "adapter", out / "full_finetuned"
+    save_peft(adapter_dir, lora, cfg, base_params=base, task_type="CAUSAL_LM", base_model_name_or_path=str(base_dir))
+    pretrain.save_base(full_dir, params)   # the same format as the shipped base (bfloat16)
+    return {"adapter": os.path.getsize(adapter_dir / "adapter_model.safetensors"),
+            "base": os.path.getsize(Path(base_dir) / "model.safetensors"),
+            "full": os.path.getsize(full_dir / "model.safetensors")}
+
+
+def _base_model(args, out: Path, prose, dialect, show):
+    if not args.pretrain:
+        _say(f"[2/6] the shipped base model ({pretrain.BASE_DIR}; --pretrain rebuilds it)")
+        return pretrain.BASE_DIR
+    _say(f"[2/6] pretraining the base model on prose ({args.pretrain_steps} steps)")
+    base_dir = str(out / "base_model")
+    pretrain.pretrain(base_dir, steps=args.pretrain_steps, seed=args.seed, prose=prose, code=dialect,
+                      show_progress=show)
+    return base_dir
+
+
 def main(args: argparse.Namespace) -> int:
     """Runs the demo; returns the exit code (0)."""
     out = Path(args.out)
@@ -138,78 +214,23 @@ def main(args: argparse.Namespace) -> int:
     _say("[1/6] corpora from this Python's standard library")
     prose, dialect = _corpora(args)
     _say(f"      base language  {prose.summary()}\n      new dialect    {dialect.summary()}")
-    windows = dict(dialect=data.eval_windows(dialect.heldout, seq_len=args.seq_len, batch_size=args.batch_size,
-                                             n_batches=4),
-                   base=data.eval_windows(prose.heldout, seq_len=args.seq_len, batch_size=args.batch_size,
-                                          n_batches=4))
-
-    base_dir = pretrain.BASE_DIR
-    if args.pretrain:
-        _say(f"[2/6] pretraining the base model on prose ({args.pretrain_steps} steps)")
-        base_dir = str(out / "base_model")
-        pretrain.pretrain(base_dir, steps=args.pretrain_steps, seed=args.seed, prose=prose, code=dialect,
-                          show_progress=show)
-    else:
-        _say(f"[2/6] the shipped base model ({base_dir}; --pretrain rebuilds it)")
+    windows = {name: data.eval_windows(corpus.heldout, seq_len=args.seq_len, batch_size=args.batch_size,
+                                       n_batches=4) for name, corpus in (("dialect", dialect), ("base", prose))}
+    base_dir = _base_model(args, out, prose, dialect, show)
     model, base = pretrain.load_base(base_dir)
     base_copy = jax.tree.map(np.array, base)
-
     plain_eval = _loss_eval(lambda p, ids: model.apply({"params": p}, ids))
     evaluate_full = lambda state: (plain_eval(state[0], windows["dialect"]), plain_eval(state[0], windows["base"]))
     before = evaluate_full((base,))
 
     _say(f"[3/6] full fine-tuning, {args.steps} steps")
-    tx_full = optax.adamw(args.lr_full)
-    full_step = L.make_full_train_step(lambda p, *a: model.apply({"params": p}, *a),
-                                       lambda m, ids: causal_lm_loss(m(ids), ids), tx_full)
-    batch0 = jnp.asarray(next(data.train_batches(dialect.train, seq_len=args.seq_len, batch_size=args.batch_size,
-                                                 seed=args.seed)))
-    params = jax.tree.map(jnp.array, base)
-    full = Run("full fine-tune", L.count_params(params))
-    compiled, full.compile_s = _aot(full_step, params, tx_full.init(params), batch0)
-    full.memory = compiled_memory(compiled)
-    batches = data.train_batches(dialect.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
-    params, _ = _train(full, compiled, (params, tx_full.init(params)), (), batches, evaluate_full,
-                       steps=args.steps, eval_every=args.eval_every, show=show)
-
+    full, params = _full_finetune(args, model, base, dialect, evaluate_full, show)
     _say(f"[4/6] LoRA rank {args.rank} on attention and MLP, {args.steps} steps")
-    cfg = L.LoraConfig(rank=args.rank, alpha=args.alpha, targets=("attention", "mlp"))
-    lora = L.init_lora(cfg, model, base, batch0, rng=jax.random.key(args.seed))
-    apply = L.lora_apply(model, cfg)
-    lora_eval = _loss_eval(lambda state, ids: apply(state[1], state[0], ids))
-    evaluate_lora = lambda state: (lora_eval((state[0], base), windows["dialect"]),
-                                   lora_eval((state[0], base), windows["base"]))
-    tx_lora = optax.adamw(args.lr_lora)
-    lora_step = L.make_train_step(apply, lambda m, ids: causal_lm_loss(m(ids), ids), tx_lora)
-    run_lora = Run("LoRA", L.count_params(lora))
-    compiled, run_lora.compile_s = _aot(lora_step, lora, tx_lora.init(lora), base, batch0)
-    run_lora.memory = compiled_memory(compiled)
-    batches = data.train_batches(dialect.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
-    lora, _ = _train(run_lora, compiled, (lora, tx_lora.init(lora)), (base,), batches, evaluate_lora,
-                     steps=args.steps, eval_every=args.eval_every, show=show)
+    run_lora, lora, cfg, apply = _lora_finetune(args, model, base, dialect, windows, show)
 
     _say("[5/6] checks and samples")
-    probe = jnp.asarray(windows["dialect"][0])
-    unmerged = apply(base, lora, probe)
-    merged = model.apply({"params": L.merge(base, lora, cfg)}, probe)
-    base_logits = model.apply({"params": base}, probe)
-    off = apply(base, None, probe)
-    on_again = apply(base, lora, probe)
-    checks = {
-        "merged_vs_unmerged_max_abs": float(jnp.max(jnp.abs(merged - unmerged))),
-        "max_abs_logit": float(jnp.max(jnp.abs(unmerged))),
-        "adapter_off_equals_base": bool(jnp.array_equal(off, base_logits)),
-        "adapter_on_again_equal": bool(jnp.array_equal(on_again, unmerged)),
-        "adapter_changes_logits_by": float(jnp.max(jnp.abs(unmerged - base_logits))),
-        "base_params_unchanged": all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
-                                                                  base_copy, jax.tree.map(np.asarray, base)))),
-    }
-    adapter_dir, full_dir = out / "adapter", out / "full_finetuned"
-    save_peft(adapter_dir, lora, cfg, base_params=base, task_type="CAUSAL_LM", base_model_name_or_path=str(base_dir))
-    pretrain.save_base(full_dir, params)   # the same format as the shipped base (bfloat16)
-    sizes = {"adapter": os.path.getsize(adapter_dir / "adapter_model.safetensors"),
-             "base": os.path.getsize(Path(base_dir) / "model.safetensors"),
-             "full": os.path.getsize(full_dir / "model.safetensors")}
+    checks = _checks(model, base, base_copy, lora, cfg, apply, jnp.asarray(windows["dialect"][0]))
+    sizes = _save(out, base_dir, base, lora, cfg, params)
     sample = dict(seed=args.seed, tokens=args.sample_tokens)
     samples = {"base model": _samples(model, base, **sample), "LoRA": _samples(model, base, lora, cfg, **sample),
                "full fine-tune": _samples(model, params, **sample)}
@@ -219,8 +240,7 @@ def main(args: argparse.Namespace) -> int:
                   before={"dialect": before[0], "base": before[1]}, runs=[full, run_lora],
                   total_params=L.count_params(base), checks=checks, sizes=sizes, samples=samples,
                   wall_s=time.perf_counter() - started, backend=L.backend.describe())
-    report = write_report(out, result)
-    _say(f"\nreport: {report}")
+    _say(f"\nreport: {write_report(out, result)}")
     return 0
 
 
