@@ -4,11 +4,15 @@ The frozen base params and the adapters are two separate pytrees. ``init_lora``
 creates the adapters for the layers a :class:`LoraConfig` targets,
 ``lora_apply`` runs a linen module with them, ``make_train_step`` trains them
 alone, and ``merge``/``unmerge`` fold them into (and out of) the base weights.
+Several adapters for one base live in an ``AdapterSet`` (switch, mix per row,
+hot-swap); ``combine`` adds them into one.
 """
 
-from lora_jax import backend, core, io, models, optim, reference
+from lora_jax import backend, core, io, models, multi, optim, reference
+from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import LoraConfig
 from lora_jax.linen import find_layers, init_lora, lora_apply
+from lora_jax.multi import Adapter, Combined, Stacked, combine, stack
 from lora_jax.report import Summary, summary
 from lora_jax.targets import Layer, select
 from lora_jax.train import make_full_train_step, make_train_step
@@ -17,12 +21,17 @@ from lora_jax.tree import adapter_paths, adapters, count_params, merge, unmerge
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
+    "AdapterSet",
+    "Combined",
     "LoraConfig",
     "Layer",
+    "Stacked",
     "Summary",
     "adapter_paths",
     "adapters",
     "backend",
+    "combine",
     "core",
     "count_params",
     "find_layers",
@@ -33,9 +42,11 @@ __all__ = [
     "make_train_step",
     "merge",
     "models",
+    "multi",
     "optim",
     "reference",
     "select",
+    "stack",
     "summary",
     "unmerge",
 ]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import dtypes as flax_dtypes
 
 from lora_jax import core
@@ -333,21 +334,79 @@ def _dropout(module, rate):
     return drop
 
 
-def _adapter_term(config, impl, kind, context, args, kwargs):
+def _split_first(args, kwargs, name):
+    """``(x, rebuild)``: the call's first input and a function giving ``(args, kwargs)`` with it replaced."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    return kwargs[name], lambda x: (args, {**kwargs, name: x})
+
+
+def _mixed_term(term, c: _Call, ids, name: str):
+    """Each row of the batch with its own slot of a stacked adapter (``ids[row]``; -1: none)."""
+    x, rebuild = _split_first(c.args, c.kwargs, "query" if c.method == "attend" else "inputs")
+    n = c.a.shape[0]
+    if x.ndim == 0 or x.shape[0] != ids.shape[0]:
+        raise ValueError(f"layer {name!r}: a mixed-adapter batch gives {ids.shape[0]} adapter_ids, but "
+                         f"the layer's input has shape {list(x.shape)}; rows must be its leading axis")
+    _check_range(ids, n, name)
+    x = c.drop(x)
+    valid = (ids >= 0) & (ids < n)
+    slot = jnp.where(valid, ids, 0)
+    a_rows, b_rows = jnp.take(c.a, slot, axis=0), jnp.take(c.b, slot, axis=0)
+
+    def one_row(xr, ar, br):
+        args, kwargs = rebuild(xr[None])
+        return term(_Call(c.module, c.method, args, kwargs, ar, br, c.scale, c.impl, lambda v: v))[0]
+
+    y = jax.vmap(one_row)(x, a_rows, b_rows)
+    rows = (-1,) + (1,) * (y.ndim - 1)
+    # Row -1 uses no adapter; an id outside [-1, n) poisons its row with NaN rather than
+    # silently clamping (under jit the ids cannot be checked when traced).
+    y = jnp.where((ids >= 0).reshape(rows), y, jnp.zeros((), y.dtype))
+    return jnp.where((valid | (ids == -1)).reshape(rows), y, jnp.full((), jnp.nan, y.dtype))
+
+
+def _adapter_term(config, impl, kind, context, args, kwargs, ids=None):
     module = context.module
     a, b = module.get_variable(COLLECTION, "a"), module.get_variable(COLLECTION, "b")
     name = _name(module.path)
     w = module.get_variable("params", kind.weight)
     in_shape, out_shape = kind.shapes(module, tuple(w.shape), args, kwargs)
+    slots = a.shape[:1] if ids is not None else ()
     r = a.shape[-1]
-    if tuple(a.shape) != (*in_shape, r) or tuple(b.shape) != (r, *out_shape):
+    if tuple(a.shape) != (*slots, *in_shape, r) or tuple(b.shape) != (*slots, r, *out_shape):
+        stacked = "adapter_ids were given, so a stacked adapter [n, ...] is expected; " if slots else ""
         raise ValueError(f"layer {name!r}: adapter a{list(a.shape)}, b{list(b.shape)} does not fit its "
-                         f"{kind.weight} {list(w.shape)}; expected a {list(in_shape) + [r]}, "
-                         f"b {[r] + list(out_shape)} (stacked layers: is 'lora' mapped by nn.scan/nn.vmap?)")
+                         f"{kind.weight} {list(w.shape)}; {stacked}expected a {list(slots + in_shape) + [r]}, "
+                         f"b {list(slots) + [r] + list(out_shape)} "
+                         f"(stacked layers: is 'lora' mapped by nn.scan/nn.vmap?)")
     drop = _dropout(module, config.dropout) if kind.name != "embed" else (lambda x: x)
     call = _Call(module, context.method_name, args, kwargs, a, b, config.scaling(name, r), impl, drop)
+    term = kind.terms[context.method_name]
     with _passthrough():
-        return kind.terms[context.method_name](call)
+        return term(call) if ids is None else _mixed_term(term, call, ids, name)
+
+
+def _check_ids(adapter_ids, lora_params):
+    if lora_params is None:
+        raise ValueError("adapter_ids need stacked adapters (lora_jax.multi.stack), but lora_params is None")
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"adapter_ids must be a 1-D integer array (one slot per row, -1 for none), "
+                         f"got shape {list(ids.shape)} dtype {ids.dtype}")
+    return ids
+
+
+def _check_range(ids, n: int, name: str):
+    """Raises for ids outside ``[-1, n)`` when they are concrete (under ``jit`` they are not)."""
+    try:
+        values = np.asarray(ids)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    bad = sorted({int(v) for v in values if not -1 <= v < n})
+    if bad:
+        raise ValueError(f"layer {name!r}: adapter_ids {bad} are out of range; the stacked adapter has "
+                         f"{n} slots (0..{n - 1}), and -1 means no adapter")
 
 
 def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast",
@@ -372,6 +431,14 @@ def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast
     ``module.apply``) and ``extra_variables`` (other collections). Dropout on
     the adapter input is active only when ``rngs`` holds a ``"lora_dropout"`` key.
 
+    Mixed-adapter batches: with ``adapter_ids`` (an int array, one entry per
+    row of the batch), ``lora_params`` is a stack of adapters
+    (:func:`lora_jax.multi.stack`, with its ``config``) and row ``i`` uses slot
+    ``adapter_ids[i]``, or no adapter for ``-1``. Rows are the leading axis of
+    every adapted layer's input. Each row's factors are gathered and the
+    products stay factored; the cost does not grow with the number of slots.
+    Out-of-range ids raise when concrete and give NaN rows under ``jit``.
+
     >>> import flax.linen as nn
     >>> model, x = nn.Dense(6), jnp.ones((1, 4))
     >>> params = model.init(jax.random.key(0), x)["params"]
@@ -385,7 +452,8 @@ def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast
         raise ValueError(f"impl must be one of {core.IMPLS}, got {impl!r}")
 
     def apply(base_params, lora_params, *args, rngs=None, method=None, mutable=False,
-              extra_variables=None, **kwargs):
+              extra_variables=None, adapter_ids=None, **kwargs):
+        ids = None if adapter_ids is None else _check_ids(adapter_ids, lora_params)
         variables = {"params": base_params, **(extra_variables or {})}
         if lora_params is not None:
             variables[COLLECTION] = lora_params
@@ -397,7 +465,8 @@ def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast
                 return next_fun(*call_args, **call_kwargs)
             used.add(tuple(context.module.path))
             y = next_fun(*call_args, **call_kwargs)
-            return y + _adapter_term(config, impl, kind, context, call_args, call_kwargs).astype(y.dtype)
+            term = _adapter_term(config, impl, kind, context, call_args, call_kwargs, ids)
+            return y + term.astype(y.dtype)
 
         with nn.intercept_methods(interceptor):
             out = module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)

@@ -135,8 +135,9 @@ def test_has_aux_and_grad_norm():
     step = L.make_train_step(L.lora_apply(model, CFG), loss_fn, tx, has_aux=True, donate=False)
     new_lora, _, metrics = step(lora, tx.init(lora), params, ids)
     apply = L.lora_apply(model, CFG)
-    assert_close(metrics["aux"]["mean_logit"], apply(params, lora, ids).mean())
-    grads = jax.grad(lambda lp: _loss(lambda x: apply(params, lp, x), ids))(lora)
+    # jitted: op-by-op dispatch of a whole transformer is far slower than one compile
+    assert_close(metrics["aux"]["mean_logit"], jax.jit(apply)(params, lora, ids).mean())
+    grads = jax.jit(jax.grad(lambda lp: _loss(lambda x: apply(params, lp, x), ids)))(lora)
     expected_norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
     assert_close(metrics["grad_norm"], expected_norm)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_lora, lora)
@@ -170,7 +171,7 @@ def test_adapters_only_on_a_combined_tree_freezes_the_base():
     tx = L.optim.adapters_only(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)))
     state = tx.init(combined)
     apply = L.lora_apply(model, CFG)
-    grads = jax.grad(lambda t: _loss(lambda x: apply(t["params"], t["lora"], x), ids))(combined)
+    grads = jax.jit(jax.grad(lambda t: _loss(lambda x: apply(t["params"], t["lora"], x), ids)))(combined)
     updates, state = tx.update(grads, state, combined)
     for leaf in jax.tree.leaves(updates["params"]):
         assert not np.any(np.asarray(leaf))
