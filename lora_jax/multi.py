@@ -133,9 +133,12 @@ def _check_weights(weights, n: int) -> list[float]:
 
 def _scale_one_config(ranks: Mapping[str, int]) -> LoraConfig:
     """A config with ``alpha == rank`` at every layer of ``ranks`` (scale 1), targeting exactly them."""
-    common = collections.Counter(ranks.values()).most_common(1)[0][0]
-    odd = tuple((f"re:{re.escape(name)}", r) for name, r in ranks.items() if r != common)
-    targets = ("re:(?:" + "|".join(re.escape(name) for name in ranks) + ")",)
+    # Sorted, so that the config does not depend on the trees' key order (jit sorts dict keys too).
+    names = sorted(ranks)
+    counts = collections.Counter(ranks[name] for name in names)
+    common = max(counts, key=lambda r: (counts[r], r))
+    odd = tuple((f"re:{re.escape(name)}", ranks[name]) for name in names if ranks[name] != common)
+    targets = ("re:(?:" + "|".join(re.escape(name) for name in names) + ")",)
     return LoraConfig(rank=common, alpha=common, targets=targets, rank_pattern=odd,
                       alpha_pattern=tuple((p, float(r)) for p, r in odd))
 

@@ -46,3 +46,23 @@ def test_resume_training(capsys):
     _load("resume_training").main(["--steps", "6", "--every", "2"])
     out = capsys.readouterr().out
     assert re.search(r"(\d+)/\1 arrays bitwise equal", out), out
+
+
+def test_multi_adapter(capsys):
+    # Alphas 16, 16, 32: two distinct alphas still differ in scale, and two equal configs share one
+    # compiled train step (three distinct ones would cost a third compilation, ~5 s).
+    _load("multi_adapter").main(["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-rows", "4",
+                                 "--max-bytes", "20000", "--heldout-bytes", "20000", "--alphas", "16", "16", "32"])
+    out = capsys.readouterr().out
+    assert "train steps compiled: 2 (one per distinct config)" in out
+    assert re.search(r"resolved configs identical for all 3 adapters .*: True", out), out
+    assert "compilations of the switching forward after 3 adapters: 1\n" in out
+    assert "compilations of the switching forward after combining: 1\n" in out
+    assert "compilations of the mixed forward: 1\n" in out
+    diff, peak = map(float, re.search(r"mixed batch of \d+ rows: max \|logit diff\| vs each row alone, merged "
+                                      r"([\d.e+-]+) \(max \|logit\| ([\d.e+-]+)\)", out).groups())
+    assert diff <= tol(jnp.float32) * peak
+    errors = {m: float(e) for m, e in re.findall(r"combine (\w+): max relative error ([\d.e+-]+)", out)}
+    assert errors["cat"] <= 1e-6
+    assert errors["linear"] > 1e-3       # two different adapters: PEFT's linear mix has cross terms
+    assert errors["svd"] <= errors["linear"]   # the best rank-8 approximation beats any other rank 8

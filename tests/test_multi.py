@@ -425,3 +425,13 @@ def test_hot_swap_from_a_peft_folder(tmp_path):
     with pytest.raises(ValueError, match=r"cannot swap adapter 'live' without recompiling.*q_proj"):
         s.load_peft("live", tmp_path / "wider", replace=True)
     assert load_peft(tmp_path / "wider").config.rank == 4
+
+
+def test_resolved_config_does_not_depend_on_key_order(mlp):
+    module, params, ids, adapter = mlp
+    one = adapter(1, 2.0)
+    reordered = Adapter(one.config, {k: one.lora[k] for k in reversed(list(one.lora))})
+    assert list(reordered.lora) != list(one.lora)
+    first = AdapterSet(params, {"x": one}).activate("x").resolve().config
+    second = AdapterSet(params, {"x": reordered}).activate("x").resolve().config
+    assert first == second

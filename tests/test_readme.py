@@ -46,3 +46,26 @@ def test_readme_peft_section_runs_and_round_trips():
     peft = scope["L"].lora_apply(scope["model"], back.config)(scope["base"], back.lora, ids)
     assert_close(peft, reference()["plain/unmerged"], what="README adapter vs PEFT logits")
     shutil.rmtree(scope["out"])
+
+
+def test_readme_adapter_set_section_runs_and_rows_match():
+    text = README.read_text()
+    section = text[text.index("## Several adapters on one base"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(README.parent)
+    try:
+        exec(compile(code, str(README), "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    L, model, base, ids, adapters = (scope[k] for k in ("L", "model", "base", "ids", "adapters"))
+    plain = adapters["plain"]
+    alone = L.lora_apply(model, plain.config)(base, plain.lora, ids)
+    assert_close(scope["logits"], alone, what="resolved 'plain' vs the adapter itself")
+    assert_close(scope["rows"][0], alone[0], what="mixed row 0 (plain)")
+    assert_close(scope["rows"][1], model.apply({"params": base}, ids[1:2])[0], what="mixed row 1 (base)")
+    patterns = adapters["patterns"]
+    assert_close(scope["rows"][2], L.lora_apply(model, patterns.config)(base, patterns.lora, ids[2:3])[0],
+                 what="mixed row 2 (patterns)")
+    assert 0.0 < scope["worst"] < 1.0   # rank 4 cannot hold plain (4) + rslora (8) where both adapt
