@@ -10,6 +10,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The "rbg" PRNG compiles far faster on CPU than the default threefry, and the
+# suite draws random arrays of many shapes; no test depends on threefry's bits.
+jax.config.update("jax_default_prng_impl", "rbg")
 
 settings.register_profile("default", max_examples=15, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -168,8 +168,8 @@ class Checkpointer:
     ...     ckpt.all_steps(), ckpt.metadata()["base_ref"]
     True
     ([10], 'my/base')
-    >>> back.step, type(back.opt_state[0]).__name__, back.rng.dtype
-    (10, 'ScaleByAdamState', key<fry>)
+    >>> back.step, type(back.opt_state[0]).__name__, back.rng.dtype == state.rng.dtype
+    (10, 'ScaleByAdamState', True)
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, base_ref: str | None = None):
