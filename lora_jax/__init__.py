@@ -5,12 +5,14 @@ creates the adapters for the layers a :class:`LoraConfig` targets,
 ``lora_apply`` runs a linen module with them, ``make_train_step`` trains them
 alone, and ``merge``/``unmerge`` fold them into (and out of) the base weights.
 Several adapters for one base live in an ``AdapterSet`` (switch, mix per row,
-hot-swap); ``combine`` adds them into one.
+hot-swap); ``combine`` adds them into one. ``lora_apply_fn`` adapts any JAX
+function of a params pytree (plain dicts, haiku, equinox).
 """
 
-from lora_jax import backend, core, io, models, multi, optim, reference
+from lora_jax import backend, core, functional, io, models, multi, optim, reference
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import LoraConfig
+from lora_jax.functional import init_lora_fn, lora_apply_fn, merge_fn, unmerge_fn
 from lora_jax.linen import find_layers, init_lora, lora_apply
 from lora_jax.multi import Adapter, Combined, Stacked, combine, stack
 from lora_jax.report import Summary, summary
@@ -35,12 +37,16 @@ __all__ = [
     "core",
     "count_params",
     "find_layers",
+    "functional",
     "init_lora",
+    "init_lora_fn",
     "io",
     "lora_apply",
+    "lora_apply_fn",
     "make_full_train_step",
     "make_train_step",
     "merge",
+    "merge_fn",
     "models",
     "multi",
     "optim",
@@ -49,4 +55,5 @@ __all__ = [
     "stack",
     "summary",
     "unmerge",
+    "unmerge_fn",
 ]

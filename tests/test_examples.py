@@ -66,3 +66,15 @@ def test_multi_adapter(capsys):
     assert errors["cat"] <= 1e-6
     assert errors["linear"] > 1e-3       # two different adapters: PEFT's linear mix has cross terms
     assert errors["svd"] <= errors["linear"]   # the best rank-8 approximation beats any other rank 8
+
+
+def test_plain_function(capsys):
+    _load("plain_function").main(["--steps", "60"])
+    out = capsys.readouterr().out
+    first, last, frozen = map(float, re.search(r"LoRA on task B: loss ([\d.]+) -> ([\d.]+) \(the frozen model's: "
+                                               r"([\d.]+)\)", out).groups())
+    assert last < 0.5 * first and first == frozen
+    worst = float(re.search(r"merged weights vs W \+ scale \* A @ B \(float64\): max \|diff\| ([\d.e+-]+)", out)
+                  .group(1))
+    assert worst <= 1e-6
+    assert re.search(r"frozen params bitwise unchanged: (\d+)/\1 arrays", out), out

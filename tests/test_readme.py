@@ -69,3 +69,19 @@ def test_readme_adapter_set_section_runs_and_rows_match():
     assert_close(scope["rows"][2], L.lora_apply(model, patterns.config)(base, patterns.lora, ids[2:3])[0],
                  what="mixed row 2 (patterns)")
     assert 0.0 < scope["worst"] < 1.0   # rank 4 cannot hold plain (4) + rslora (8) where both adapt
+
+
+def test_readme_any_function_section_runs():
+    from lora_jax import reference
+
+    text = README.read_text()
+    section = text[text.index("## Any JAX function of a params pytree"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    params, lora, merged = scope["params"], scope["lora"], scope["merged"]
+    assert sorted(lora) == ["down", "up"] and lora["up"]["a"].shape == (8, 4)
+    for name in ("up", "down"):
+        expected = reference.merge(params[name]["kernel"], lora[name]["a"], lora[name]["b"], 2.0)
+        assert_close(merged[name]["kernel"], expected, what=name)
+    assert np.any(np.asarray(scope["grads"]["up"]["b"]))    # B starts at zero; its gradient does not
