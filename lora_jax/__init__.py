@@ -9,7 +9,7 @@ hot-swap); ``combine`` adds them into one. ``lora_apply_fn`` adapts any JAX
 function of a params pytree (plain dicts, haiku, equinox).
 """
 
-from lora_jax import backend, core, functional, io, models, multi, optim, reference
+from lora_jax import analysis, backend, core, functional, io, models, multi, optim, reference
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import LoraConfig
 from lora_jax.functional import init_lora_fn, lora_apply_fn, merge_fn, unmerge_fn
@@ -32,6 +32,7 @@ __all__ = [
     "Summary",
     "adapter_paths",
     "adapters",
+    "analysis",
     "backend",
     "combine",
     "core",

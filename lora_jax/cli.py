@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from lora_jax import backend
+from lora_jax.analysis import effective_rank
 from lora_jax.cli_data import (CliError, encode_checked, eos_token_id, existing_file, fingerprint, folder_bytes,
                                load_adapter, load_fitting_adapter, load_model, load_tokenizer, read_documents,
                                read_json, tokenize_documents, window_batch)
@@ -304,11 +305,9 @@ def spectrum_summary(sigma: np.ndarray) -> tuple[float, float, float]:
     >>> spectrum_summary(np.array([1.0, 1.0]))
     (1.0, 2.0, 0.5)
     """
-    total = float(sigma.sum())
-    if total == 0.0:
+    if float(sigma.sum()) == 0.0:
         return 0.0, 0.0, math.nan
-    p = sigma[sigma > 0] / total
-    return float(sigma[0]), float(np.exp(-(p * np.log(p)).sum())), float(sigma[0] ** 2 / (sigma ** 2).sum())
+    return float(sigma[0]), effective_rank(sigma), float(sigma[0] ** 2 / (sigma ** 2).sum())
 
 
 def run_inspect(args) -> int:

@@ -1,0 +1,242 @@
+"""Instruments for trained adapters: the spectrum of each delta, truncation, and how adapters overlap.
+
+Everything is computed from the small factors. With ``a = Q_a R_a`` and
+``b^T = Q_b R_b`` (thin QR), ``scale * a @ b = Q_a (scale R_a R_b^T) Q_b^T`` and
+the orthonormal ``Q`` factors keep singular values and vectors, so only an
+``r x r`` core is decomposed: the ``[in, out]`` delta is never formed. Layers
+stacked by ``nn.scan`` are analysed slice by slice (``sigma`` has one row per
+stacked layer). The math runs in float64 NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from lora_jax.multi import (Adapter, Combined, _as_adapter, _base_shapes, _layers, _relative_error,
+                            _scale_one_config, _svd, _to_tree, combine)
+from lora_jax.tree import get_path
+
+
+class LayerSpectrum(NamedTuple):
+    """The singular values of one layer's delta ``scale * A @ B``.
+
+    Attributes:
+      name: the layer path.
+      rank: the adapter's rank ``r`` at this layer.
+      sigma: ``[slices, r]`` singular values per stacked slice (one slice if
+        the layer is not stacked), largest first.
+    """
+
+    name: str
+    rank: int
+    sigma: np.ndarray
+
+    def energy(self, k: int) -> float:
+        """The fraction of ``||delta||_F^2`` the top-``k`` singular values hold (all slices together)."""
+        total = float(np.sum(self.sigma ** 2))
+        return 1.0 if total == 0.0 else float(np.sum(self.sigma[:, :k] ** 2) / total)
+
+    def rank_for_energy(self, threshold: float) -> int:
+        """The smallest ``k`` whose top-``k`` singular values hold at least ``threshold`` of the energy."""
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"energy threshold must be in (0, 1], got {threshold!r}")
+        return next(k for k in range(1, self.rank + 1) if self.energy(k) >= threshold - 1e-12)
+
+    def numerical_rank(self, rtol: float = 1e-5) -> int:
+        """The number of singular values above ``rtol`` times the largest (most over the slices)."""
+        top = self.sigma[:, :1]
+        return int(np.max(np.sum(self.sigma > rtol * top, axis=1))) if np.any(top > 0) else 0
+
+    @property
+    def effective_rank(self) -> float:
+        """Roy & Vetterli's entropy rank ``exp(H(sigma / sum sigma))``, averaged over the slices."""
+        return float(np.mean([effective_rank(s) for s in self.sigma]))
+
+
+def effective_rank(sigma) -> float:
+    """``exp`` of the entropy of ``sigma / sum(sigma)``: ``k`` for ``k`` equal values, 0 for none.
+
+    >>> round(effective_rank([2.0, 2.0, 0.0]), 6), effective_rank([0.0])
+    (2.0, 0.0)
+    """
+    sigma = np.asarray(sigma, np.float64)
+    total = float(sigma.sum())
+    if total == 0.0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _factored_svd(a, b):
+    """``(U, s, Vt)`` of ``a @ b`` per slice (``a`` ``[L, I, r]``, ``b`` ``[L, r, O]``), thin, via QR."""
+    qa, ra = np.linalg.qr(a)
+    qb, rb = np.linalg.qr(np.swapaxes(b, -1, -2))
+    u, s, vt = np.linalg.svd(ra @ np.swapaxes(rb, -1, -2))
+    return qa @ u, s, vt @ np.swapaxes(qb, -1, -2)
+
+
+def spectrum(adapter, *, base_params) -> dict[str, LayerSpectrum]:
+    """Per layer, the singular values of ``scale * A @ B``.
+
+    >>> import jax.numpy as jnp
+    >>> from lora_jax import LoraConfig
+    >>> base = {"q": {"kernel": jnp.zeros((3, 2))}}
+    >>> lora = {"q": {"a": jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), "b": jnp.eye(2)}}
+    >>> s = spectrum(Adapter(LoraConfig(rank=2, alpha=1), lora), base_params=base)["q"]
+    >>> s.sigma.tolist(), s.energy(1), s.rank_for_energy(0.9)
+    ([[1.0, 0.5]], 0.8, 2)
+    """
+    adapter = _as_adapter(adapter, "spectrum")
+    out = {}
+    for name, layer in _layers(_base_shapes(base_params), adapter, "spectrum").items():
+        _, s, _ = _factored_svd(layer.scale * layer.a, layer.b)
+        out[name] = LayerSpectrum(name, layer.a.shape[-1], np.asarray(s))
+    return out
+
+
+def recommend_ranks(spectra: Mapping[str, LayerSpectrum], energy: float = 0.9) -> dict[str, int]:
+    """Per layer, the smallest rank that keeps ``energy`` of the delta's squared Frobenius norm."""
+    return {name: s.rank_for_energy(energy) for name, s in spectra.items()}
+
+
+def truncate(adapter, *, base_params, rank: int | Mapping[str, int] | None = None,
+             energy: float | None = None) -> Combined:
+    """A smaller adapter: each layer's best rank-``k`` approximation (Eckart-Young).
+
+    Give ``rank`` (one int, or ``{layer: k}``) or ``energy`` (keep the smallest
+    rank holding that fraction of each layer's energy), not both. ``k`` never
+    exceeds a layer's current rank. ``errors`` is the relative Frobenius error
+    each layer is left with, ``sqrt(sum of discarded sigma^2) / ||delta||``,
+    measured on the returned factors.
+
+    >>> import jax.numpy as jnp
+    >>> from lora_jax import LoraConfig
+    >>> base = {"q": {"kernel": jnp.zeros((3, 2))}}
+    >>> lora = {"q": {"a": jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), "b": jnp.eye(2)}}
+    >>> small = truncate(Adapter(LoraConfig(rank=2, alpha=2), lora), base_params=base, rank=1)
+    >>> small.lora["q"]["a"].shape, round(small.errors["q"], 6)   # sqrt(1) / sqrt(4 + 1)
+    ((3, 1), 0.447214)
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("truncate: give exactly one of rank= and energy=")
+    adapter = _as_adapter(adapter, "truncate")
+    base = _base_shapes(base_params)
+    layers = _layers(base, adapter, "truncate")
+    if energy is not None:
+        ranks = recommend_ranks(spectrum(adapter, base_params=base), energy)
+    elif isinstance(rank, Mapping):
+        unknown = sorted(set(rank) - set(layers))
+        if unknown:
+            raise ValueError(f"truncate: rank given for layers the adapter does not have: {unknown}")
+        ranks = {name: rank.get(name, layer.a.shape[-1]) for name, layer in layers.items()}
+    else:
+        ranks = {name: rank for name in layers}
+    for name, k in ranks.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"truncate: layer {name!r}: rank must be a positive int, got {k!r}")
+    ranks = {name: min(k, layers[name].a.shape[-1]) for name, k in ranks.items()}
+    outputs = {name: _svd([(layer.scale, layer)], ranks[name]) for name, layer in layers.items()}
+    lora = _to_tree(outputs, layers, next(iter(layers.values())).dtype)
+    errors = {}
+    for name, layer in layers.items():   # measured on the returned (rounded) factors
+        node = get_path(lora, layer.path)
+        a, b = (np.asarray(node[x], np.float64) for x in ("a", "b"))
+        n_lead, r = layer.a.shape[0], a.shape[-1]
+        errors[name] = _relative_error(a.reshape(n_lead, -1, r), b.reshape(n_lead, r, -1), [(layer.scale, layer)])
+    return Combined(_scale_one_config(ranks), lora, errors)
+
+
+class Overlap(NamedTuple):
+    """How two adapters' subspaces at one layer align.
+
+    Attributes:
+      cosines: ``[slices, k]`` cosines of the principal angles between the two
+        top-``k`` singular subspaces, largest first (1: a shared direction, 0:
+        orthogonal).
+      overlap: ``||U_1^T U_2||_F^2 / k`` averaged over slices, in ``[0, 1]``:
+        the LoRA paper's normalized subspace similarity (0 for orthogonal
+        subspaces, 1 for identical ones).
+    """
+
+    cosines: np.ndarray
+    overlap: float
+
+
+def subspace_overlap(first, second, *, base_params, k: int | None = None, side: str = "in") -> dict[str, Overlap]:
+    """Per layer adapted by both, the overlap of the two deltas' top-``k`` singular subspaces.
+
+    ``side="in"`` compares the input-side subspaces (left singular vectors of
+    the ``[in, out]`` delta, spanned by ``A``), ``"out"`` the output side
+    (spanned by ``B``). ``k`` defaults to the smaller numerical rank of the two
+    deltas at each layer.
+
+    >>> import jax.numpy as jnp
+    >>> from lora_jax import LoraConfig
+    >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
+    >>> cfg = LoraConfig(rank=1)
+    >>> x = Adapter(cfg, {"q": {"a": jnp.array([[1.0], [0], [0], [0]]), "b": jnp.ones((1, 3))}})
+    >>> y = Adapter(cfg, {"q": {"a": jnp.array([[0.0], [1], [0], [0]]), "b": jnp.ones((1, 3))}})
+    >>> subspace_overlap(x, y, base_params=base)["q"].overlap, subspace_overlap(x, x, base_params=base)["q"].overlap
+    (0.0, 1.0)
+    """
+    if side not in ("in", "out"):
+        raise ValueError(f"subspace_overlap: side must be 'in' or 'out', got {side!r}")
+    base = _base_shapes(base_params)
+    one = _layers(base, _as_adapter(first, "subspace_overlap: first"), "subspace_overlap: first")
+    two = _layers(base, _as_adapter(second, "subspace_overlap: second"), "subspace_overlap: second")
+    spectra = [spectrum(first, base_params=base), spectrum(second, base_params=base)]
+    out = {}
+    for name in [n for n in one if n in two]:
+        kk = k or min(spectra[0][name].numerical_rank(), spectra[1][name].numerical_rank())
+        if kk == 0:
+            continue
+        bases = []
+        for layer in (one[name], two[name]):
+            u, _, vt = _factored_svd(layer.scale * layer.a, layer.b)
+            bases.append(u[:, :, :kk] if side == "in" else np.swapaxes(vt, -1, -2)[:, :, :kk])
+        cosines = np.linalg.svd(np.swapaxes(bases[0], -1, -2) @ bases[1], compute_uv=False)
+        out[name] = Overlap(np.clip(cosines, 0.0, 1.0), float(np.mean(np.sum(cosines ** 2, axis=-1)) / kk))
+    return out
+
+
+class Interference(NamedTuple):
+    """Each adapter's loss on its own task, alone and with each other adapter added.
+
+    Attributes:
+      names: the adapters (and tasks), in order.
+      alone: ``[n]`` loss on task ``i`` with adapter ``i`` alone.
+      together: ``[n, n]`` loss on task ``i`` with adapters ``i`` and ``j``
+        both active (their deltas summed); the diagonal repeats ``alone``.
+    """
+
+    names: tuple
+    alone: np.ndarray
+    together: np.ndarray
+
+    @property
+    def increase(self) -> np.ndarray:
+        """``together - alone[:, None]``: how much adding adapter ``j`` costs task ``i``."""
+        return self.together - self.alone[:, None]
+
+
+def interference(adapters: Mapping[str, Adapter], evaluate: Callable[[str, Adapter], float], *,
+                 base_params) -> Interference:
+    """The functional interference matrix of named adapters.
+
+    ``evaluate(task, adapter)`` returns a held-out loss on ``task`` (one name
+    per adapter) with ``adapter`` applied; the pair ``i + j`` is the exact
+    ``"cat"`` combination with weights 1 and 1.
+    """
+    names = tuple(adapters)
+    items = {name: _as_adapter(item, f"interference: {name!r}") for name, item in adapters.items()}
+    alone = np.array([evaluate(name, items[name]) for name in names], np.float64)
+    together = np.diag(alone).copy()
+    for i, task in enumerate(names):
+        for j, other in enumerate(names):
+            if i != j:
+                pair = combine([items[task], items[other]], [1.0, 1.0], base_params=base_params).adapter
+                together[i, j] = evaluate(task, pair)
+    return Interference(names, alone, together)
