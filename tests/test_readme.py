@@ -13,12 +13,24 @@ from tests.tolerances import assert_close
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_runs_and_merge_matches(capsys):
+def _run_section(heading: str | None) -> dict:
+    """Runs the first python block after ``heading`` (the file's first if None) from the repository root."""
     text = README.read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, str(README), "exec"), scope)
-    claimed = re.search(r'"(trainable [\d.]+% \([\d,]+ / [\d,]+\))"', code).group(1)
+    section = text if heading is None else text[text.index(heading):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {"__code__": code}
+    cwd = os.getcwd()
+    os.chdir(README.parent)   # the examples use paths relative to the repository root
+    try:
+        exec(compile(code, str(README), "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    return scope
+
+
+def test_readme_example_runs_and_merge_matches(capsys):
+    scope = _run_section(None)
+    claimed = re.search(r'"(trainable [\d.]+% \([\d,]+ / [\d,]+\))"', scope["__code__"]).group(1)
     assert claimed in capsys.readouterr().out
     unmerged = scope["apply"](scope["base"], scope["lora"], scope["ids"])
     assert_close(scope["logits"], unmerged, what="merged vs unmerged logits")
@@ -26,16 +38,7 @@ def test_readme_example_runs_and_merge_matches(capsys):
 
 
 def test_readme_peft_section_runs_and_round_trips():
-    text = README.read_text()
-    section = text[text.index("## Use a PEFT adapter in JAX"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope: dict = {}
-    cwd = os.getcwd()
-    os.chdir(README.parent)   # the example uses paths relative to the repository root
-    try:
-        exec(compile(code, str(README), "exec"), scope)
-    finally:
-        os.chdir(cwd)
+    scope = _run_section("## Use a PEFT adapter in JAX")
     from lora_jax.io import load_peft
     from tests.fixtures_data import reference
 
@@ -49,16 +52,7 @@ def test_readme_peft_section_runs_and_round_trips():
 
 
 def test_readme_adapter_set_section_runs_and_rows_match():
-    text = README.read_text()
-    section = text[text.index("## Several adapters on one base"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope: dict = {}
-    cwd = os.getcwd()
-    os.chdir(README.parent)
-    try:
-        exec(compile(code, str(README), "exec"), scope)
-    finally:
-        os.chdir(cwd)
+    scope = _run_section("## Several adapters on one base")
     L, model, base, ids, adapters = (scope[k] for k in ("L", "model", "base", "ids", "adapters"))
     plain = adapters["plain"]
     alone = L.lora_apply(model, plain.config)(base, plain.lora, ids)
@@ -74,11 +68,7 @@ def test_readme_adapter_set_section_runs_and_rows_match():
 def test_readme_any_function_section_runs():
     from lora_jax import reference
 
-    text = README.read_text()
-    section = text[text.index("## Any JAX function of a params pytree"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, str(README), "exec"), scope)
+    scope = _run_section("## Any JAX function of a params pytree")
     params, lora, merged = scope["params"], scope["lora"], scope["merged"]
     assert sorted(lora) == ["down", "up"] and lora["up"]["a"].shape == (8, 4)
     for name in ("up", "down"):
