@@ -15,9 +15,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from lora_jax.multi import (Adapter, Combined, _as_adapter, _base_shapes, _layers, _relative_error,
+from lora_jax.multi import (Adapter, Combined, _as_adapter, _base_shapes, _layers, _measured_errors,
                             _scale_one_config, _svd, _to_tree, combine)
-from lora_jax.tree import get_path
 
 
 class LayerSpectrum(NamedTuple):
@@ -140,12 +139,7 @@ def truncate(adapter, *, base_params, rank: int | Mapping[str, int] | None = Non
     ranks = {name: min(k, layers[name].a.shape[-1]) for name, k in ranks.items()}
     outputs = {name: _svd([(layer.scale, layer)], ranks[name]) for name, layer in layers.items()}
     lora = _to_tree(outputs, layers, next(iter(layers.values())).dtype)
-    errors = {}
-    for name, layer in layers.items():   # measured on the returned (rounded) factors
-        node = get_path(lora, layer.path)
-        a, b = (np.asarray(node[x], np.float64) for x in ("a", "b"))
-        n_lead, r = layer.a.shape[0], a.shape[-1]
-        errors[name] = _relative_error(a.reshape(n_lead, -1, r), b.reshape(n_lead, r, -1), [(layer.scale, layer)])
+    errors = _measured_errors(lora, layers, {name: [(layer.scale, layer)] for name, layer in layers.items()})
     return Combined(_scale_one_config(ranks), lora, errors)
 
 

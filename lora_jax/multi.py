@@ -170,6 +170,17 @@ def _relative_error(a_out, b_out, terms) -> float:
     return math.sqrt(max(diff2, 0.0) / norm2)
 
 
+def _measured_errors(lora, geometry: Mapping[str, _Layer], terms: Mapping[str, list]) -> dict[str, float]:
+    """Per layer, the relative error of the returned (rounded) factors against ``sum c_i A_i B_i``."""
+    errors = {}
+    for name, g in geometry.items():
+        node = get_path(lora, g.path)
+        a, b = (np.asarray(node[x], np.float64) for x in ("a", "b"))
+        n_lead, r = g.a.shape[0], a.shape[-1]
+        errors[name] = _relative_error(a.reshape(n_lead, -1, r), b.reshape(n_lead, r, -1), terms[name])
+    return errors
+
+
 # ---- the three methods, on one layer. ``terms`` are ``(c_i, layer_i)`` with ``c_i = w_i * scale_i``
 # for the adapters present at the layer.
 
@@ -299,14 +310,7 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, *, base_
             outputs[name] = _linear(terms, name)
         all_terms[name] = terms
     lora = _to_tree(outputs, geometry, _dtype_of(layer_sets))
-    errors = {}
-    for name, g in geometry.items():
-        node = get_path(lora, g.path)
-        a_out, b_out = (np.asarray(x, np.float64) for x in (node["a"], node["b"]))
-        r = a_out.shape[-1]
-        n_lead = g.a.shape[0]
-        errors[name] = _relative_error(a_out.reshape(n_lead, -1, r), b_out.reshape(n_lead, r, -1),
-                                       all_terms[name])
+    errors = _measured_errors(lora, geometry, all_terms)
     config = _scale_one_config({name: a.shape[-1] for name, (a, _) in outputs.items()})
     return Combined(config, lora, errors)
 
