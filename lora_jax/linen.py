@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes as flax_dtypes
 
-from lora_jax import core
+from lora_jax import core, terms
 from lora_jax.config import LoraConfig
 from lora_jax.targets import HEAD_NAMES, LINEAR_KINDS, Layer, select
 from lora_jax.tree import adapter_paths, get_path, set_path
@@ -92,56 +92,21 @@ def _dense_general_shapes(module, w_shape, args, kwargs):
 
 def _dense_general_term(c: _Call):
     x = c.drop(_first_arg(c.args, c.kwargs, "inputs"))
-    axis = _dense_general_axes(c.module, x.ndim)
-    free = tuple(d for d in range(x.ndim) if d not in axis)
-    x = jnp.transpose(x, free + axis) if free + axis != tuple(range(x.ndim)) else x
-    free_shape = x.shape[:len(free)]
-    x, a, b = _promote(c.module, x.reshape(*free_shape, -1), c.a, c.b)
-    r = a.shape[-1]
-    y = c.lowrank(x, a.reshape(-1, r), b.reshape(r, -1))
-    return y.reshape(*free_shape, *c.b.shape[1:])
+    return terms.dense_general(x, c.a, c.b, _dense_general_axes(c.module, x.ndim), c.lowrank,
+                               lambda *t: _promote(c.module, *t))
 
 
 def _einsum_spec(module, args, kwargs):
-    spec = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
-    spec = spec.replace(" ", "")
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
-    return lhs, rhs, out
+    return terms.parse_einsum(kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str)
 
 
 def _einsum_shapes(module, w_shape, args, kwargs):
-    lhs, rhs, out = _einsum_spec(module, args, kwargs)
-    if "." in lhs + rhs + out:
-        raise NotImplementedError("Einsum with '...' is not supported")
-    contracted = "".join(label for label in rhs if label not in out)
-    kept = "".join(label for label in rhs if label in out)
-    if any(label in lhs for label in kept):
-        raise NotImplementedError(f"Einsum {lhs},{rhs}->{out}: kernel dims shared by input and output")
-    if rhs != contracted + kept:
-        raise NotImplementedError(f"Einsum {lhs},{rhs}->{out}: the kernel's contracted dims must come "
-                                  f"before its output dims (kernel '{rhs}', expected '{contracted + kept}')")
-    return w_shape[:len(contracted)], w_shape[len(contracted):]
+    return terms.einsum_shapes(*_einsum_spec(module, args, kwargs), w_shape)
 
 
 def _einsum_term(c: _Call):
-    lhs, rhs, out = _einsum_spec(c.module, c.args, c.kwargs)
     x, a, b = _promote(c.module, c.drop(_first_arg(c.args, c.kwargs, "inputs")), c.a, c.b)
-    contracted = "".join(label for label in rhs if label not in out)
-    kept_out = rhs[len(contracted):]
-    free = "".join(label for label in lhs if label not in contracted)
-    if sorted(free + kept_out) == sorted(out) and all(label in out for label in free):
-        # A pure projection: route it through the 2-D factored path.
-        order = tuple(lhs.index(label) for label in free + contracted)
-        xt = jnp.transpose(x, order).reshape(*(x.shape[lhs.index(label)] for label in free), -1)
-        r = a.shape[-1]
-        y = c.lowrank(xt, a.reshape(-1, r), b.reshape(r, -1)).reshape(*xt.shape[:-1], *b.shape[1:])
-        cur = free + kept_out
-        return jnp.transpose(y, tuple(cur.index(label) for label in out))
-    rank = next(ch for ch in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if ch not in lhs + rhs + out)
-    kept_free = "".join(label for label in free if label in out)
-    h = jnp.einsum(f"{lhs},{contracted}{rank}->{kept_free}{rank}", x, a)
-    return jnp.einsum(f"{kept_free}{rank},{rank}{kept_out}->{out}", h, b) * c.scale
+    return terms.einsum(*_einsum_spec(c.module, c.args, c.kwargs), x, a, b, c.lowrank, c.scale)
 
 
 def _conv_shapes(module, w_shape, args, kwargs):
