@@ -75,3 +75,16 @@ def test_readme_any_function_section_runs():
         expected = reference.merge(params[name]["kernel"], lora[name]["a"], lora[name]["b"], 2.0)
         assert_close(merged[name]["kernel"], expected, what=name)
     assert np.any(np.asarray(scope["grads"]["up"]["b"]))    # B starts at zero; its gradient does not
+
+
+def test_readme_nnx_section_trains_and_merges():
+    from flax import nnx
+
+    from lora_jax.nnx import LoraParam
+
+    scope = _run_section("## Flax NNX models")
+    model, merged, x = scope["model"], scope["merged"], scope["x"]
+    assert scope["losses"][-1] < scope["losses"][0]
+    assert_close(merged(x), model(x), what="merged vs adapted NNX model")
+    assert not nnx.state(merged, LoraParam)                     # merge leaves plain layers
+    assert {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model, LoraParam))} == {"a", "b"}
