@@ -12,7 +12,7 @@ import sys
 import time
 
 # name -> module under bench/; each has NAME, TITLE and run(mode) -> dict.
-BENCHMARKS = {"train_step": "bench.train_step", "multi_adapter": "bench.multi_adapter"}
+BENCHMARKS = {"train_step": "bench.train_step", "multi_adapter": "bench.multi_adapter", "nnx_step": "bench.nnx_step"}
 
 
 def main(argv=None) -> int:

@@ -78,3 +78,18 @@ def test_plain_function(capsys):
                   .group(1))
     assert worst <= 1e-6
     assert re.search(r"frozen params bitwise unchanged: (\d+)/\1 arrays", out), out
+
+
+def test_nnx_quickstart(capsys):
+    _load("nnx_quickstart").main(["--steps", "20", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "fresh adapters == base model: bitwise equal True" in out
+    assert re.search(r"base params bitwise unchanged: (\d+)/\1 arrays", out), out
+    before, after = map(float, re.search(r"eval loss: before ([\d.]+) -> after ([\d.]+)", out).groups())
+    assert after < before
+    trainable, total = (int(x.replace(",", "")) for x in re.search(r"trainable params: ([\d,]+) of ([\d,]+)",
+                                                                    out).groups())
+    assert 0 < trainable < total
+    assert "merged model: Linear head, 0 adapter params left" in out
+    diff, peak = map(float, re.search(r"max \|diff\| ([\d.e+-]+) \(max \|output\| ([\d.e+-]+)\)", out).groups())
+    assert diff <= tol(jnp.float32) * peak
