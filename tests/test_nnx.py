@@ -21,6 +21,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lora_jax import LoraConfig, core, init_lora, lora_apply, reference
 from lora_jax.nnx import DROPOUT_RNG, LoraParam, attach, find_layers, merge, unmerge
@@ -495,3 +497,35 @@ def test_init_key_is_folded_with_the_path():
     expected, _ = core.init_factors(jax.random.fold_in(key, zlib.crc32(b"mixer")), "default", "dense", (), (8,),
                                     (8,), 2, jnp.float32)
     assert np.array_equal(adapted.mixer.a[...], expected) and np.array_equal(alone.mixer.a[...], expected)
+
+
+@st.composite
+def linear_cases(draw):
+    """An nnx.Linear of random size with random weights, input, rank, alpha and rsLoRA."""
+    n_in, n_out = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    rank = draw(st.integers(1, min(n_in, n_out)))
+    config = LoraConfig(rank=rank, alpha=draw(st.sampled_from([1.0, 4.0, 16 / 3])), use_rslora=draw(st.booleans()),
+                        targets="re:.*")
+    batch = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    return n_in, n_out, config, batch, draw(st.integers(0, 2**31 - 1))
+
+
+@given(linear_cases())
+def test_linear_property_nnx_equals_linen_equals_reference(case):
+    n_in, n_out, config, batch, seed = case
+    rng = np.random.default_rng(seed)
+    layer = nnx.Linear(n_in, n_out, rngs=nnx.Rngs(0))
+    _randomize(layer, nnx.Param, rng)
+    x = jnp.asarray(rng.normal(size=batch + (n_in,)), jnp.float32)
+    fresh = attach(layer, config, rngs=nnx.Rngs(1))
+    assert np.array_equal(np.asarray(fresh(x)), np.asarray(layer(x)))          # init == base, bitwise
+    _randomize(fresh, LoraParam, rng)
+    params, lora = _pure(fresh, nnx.Param), _pure(fresh, LoraParam)
+    scale = reference.scaling(config.alpha, config.rank, config.use_rslora)
+    expected = reference.dense(x, params["kernel"], lora["a"], lora["b"], scale, bias=params["bias"])
+    magnitude = reference.dense(np.abs(_f64(x)), np.abs(_f64(params["kernel"])), np.abs(_f64(lora["a"])),
+                                np.abs(_f64(lora["b"])), scale, bias=np.abs(_f64(params["bias"])))
+    assert_close(fresh(x), expected, what="nnx vs reference", magnitude=magnitude)
+    linen_out = lora_apply(nn.Dense(n_out), config)(params, lora, x)
+    assert_close(fresh(x), linen_out, what="nnx vs linen", magnitude=magnitude)
+    assert_close(merge(fresh)(x), fresh(x), what="merged vs unmerged", magnitude=magnitude)
