@@ -7,7 +7,9 @@
      effective rank and the median over layers of the rank that holds 90% of the energy;
   2. interference: one rank-8 adapter (alpha 16) each on prose, code and "shout" (the prose in capitals),
      then the mean subspace overlap of every pair (input side, over layers) and each adapter's held-out
-     loss on its own corpus alone and with another adapter added.
+     loss on its own corpus alone and with another adapter added;
+  3. truncation: a rank-32 code adapter cut to the ranks that keep 99%, 90%, 75% and 50% of each
+     layer's energy, with the held-out loss and logit difference each cut costs.
 
 The same runs are ``lora-jax sweep`` and ``lora-jax interference``; this script also writes the tables,
 plots and JSON to --out. Every corpus is built from the Python installation; nothing is downloaded.
@@ -31,6 +33,8 @@ def main(argv=None):
                         help="ranks of the sweep (default 1 2 4 8 16 32 64)")
     parser.add_argument("--rank", type=int, default=8, help="rank of the interference adapters (default 8)")
     parser.add_argument("--alpha", type=float, default=16.0, help="alpha of the interference adapters (default 16)")
+    parser.add_argument("--truncate-rank", type=int, default=32,
+                        help="rank of the adapter the truncation study cuts (default 32)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per training step (default 8)")
     parser.add_argument("--seq-len", type=int, default=128, help="bytes per window (default 128)")
     parser.add_argument("--eval-rows", type=int, default=32, help="held-out windows per corpus (default 32)")
@@ -55,6 +59,11 @@ def main(argv=None):
           f"{args.steps} steps each\n")
     inter = study.interference_study(rank=args.rank, alpha=args.alpha, **budget)
     print(inter.markdown())
+
+    print(f"\ntruncation: a rank-{args.truncate_rank} code adapter (alpha {2 * args.truncate_rank}), "
+          f"{args.steps} steps, cut by energy per layer\n")
+    cut = study.truncation_study(rank=args.truncate_rank, **budget)
+    print(cut.markdown())
 
     files = sweep.save(args.out) + inter.save(args.out)
     print(f"\nwrote {', '.join(f.name for f in files)} to {args.out}")

@@ -184,9 +184,17 @@ def test_example_runs(capsys, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     # --rank 2 --alpha 4: every adapter trains in the config compiled for the fixtures above
-    module.main(["--steps", "1", "--ranks", "1", "2", "--rank", "2", "--alpha", "4", "--batch-size", "2",
+    module.main(["--steps", "1", "--ranks", "1", "2", "--rank", "2", "--alpha", "4", "--truncate-rank", "2",
+                 "--batch-size", "2",
                  "--seq-len", "32", "--eval-rows", "4", "--max-bytes", "50000",
                  "--heldout-bytes", "20000", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.count("| 1 | 2 | 14,592 (") == 1 and "mean subspace overlap" in out
     assert len(list(tmp_path.iterdir())) == 6
+    rows = re.findall(r"\| (full|energy [\d.]+) \| ([\d,]+) \| ([\d.e+-]+) \| ([\d.]+) \| ([\d.e+-]+) \|", out)
+    assert [r[0] for r in rows] == ["full", "energy 0.99", "energy 0.9", "energy 0.75", "energy 0.5"]
+    full, *cuts = rows
+    assert float(full[2]) == 0.0 and float(full[4]) == 0.0
+    for _, params, error, _, logit_diff in cuts:    # a cut never grows the adapter; its error is measured
+        assert int(params.replace(",", "")) <= int(full[1].replace(",", ""))
+        assert 0.0 <= float(error) < 1.0 and float(logit_diff) >= 0.0
