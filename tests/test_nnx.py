@@ -26,14 +26,11 @@ from hypothesis import strategies as st
 
 from lora_jax import LoraConfig, core, init_lora, lora_apply, reference
 from lora_jax.nnx import DROPOUT_RNG, LoraParam, attach, find_layers, merge, unmerge
+from tests.test_layers import _f64, _floats, _ids
 from tests.tolerances import assert_close
 
 CFG = LoraConfig(rank=2, alpha=3.0, targets="re:.*")
 SCALE = reference.scaling(3.0, 2)
-
-
-def _f64(x):
-    return np.asarray(x, np.float64)
 
 
 def _pure(model, filt):
@@ -54,14 +51,6 @@ class Case:
     oracle: Callable                      # (x, params, a, b, scale) -> float64 expected output
     method: str | None = None
     weight: str = "kernel"
-
-
-def _floats(*shape):
-    return lambda rng: jnp.asarray(rng.normal(size=shape), jnp.float32)
-
-
-def _ids(vocab, *shape):
-    return lambda rng: jnp.asarray(rng.integers(0, vocab, size=shape), jnp.int32)
 
 
 R0 = nnx.Rngs(0)
