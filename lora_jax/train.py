@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -26,7 +27,7 @@ def _update(objective, params, opt_state, optimizer, has_aux: bool):
 
 
 def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    has_aux: bool = False, donate: bool = True) -> Callable:
+                    has_aux: bool = False, donate: bool = True, compiler_options: dict | None = None) -> Callable:
     """Builds ``step(lora_params, opt_state, base_params, batch, rng=None)``.
 
     The gradient is taken with respect to ``lora_params`` alone; ``base_params``
@@ -41,6 +42,9 @@ def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gradien
       optimizer: any optax transformation, initialised on ``lora_params``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       donate: donate ``lora_params`` and ``opt_state`` to the step.
+      compiler_options: XLA options for this step's compilation, passed to
+        ``jax.jit``; e.g. :func:`lora_jax.backend.memory_lean_options` with a
+        rematerialised model.
 
     Returns:
       ``step(...) -> (lora_params, opt_state, metrics)`` where ``metrics`` holds
@@ -59,6 +63,13 @@ def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gradien
     >>> sorted(metrics)
     ['grad_norm', 'loss']
     """
+    return jit_step(step_function(apply, loss_fn, optimizer, has_aux), donate=donate,
+                    compiler_options=compiler_options)
+
+
+def step_function(apply: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation,
+                  has_aux: bool = False) -> Callable:
+    """The unjitted ``step(lora_params, opt_state, base_params, batch, rng=None)`` of :func:`make_train_step`."""
 
     def step(lora_params, opt_state, base_params, batch, rng=None):
         def objective(lp):
@@ -71,11 +82,35 @@ def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gradien
 
         return _update(objective, lora_params, opt_state, optimizer, has_aux)
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return step
+
+
+def jit_step(step: Callable, *, donate: bool = True, in_shardings=None, out_shardings=None,
+             compiler_options: dict | None = None) -> Callable:
+    """``jax.jit`` of a :func:`step_function` step, donating the adapters and optimizer state.
+
+    With ``in_shardings`` (one entry per argument, ``rng`` included) every call
+    passes all five arguments positionally, as ``jax.jit`` requires.
+    """
+    donate_argnums = (0, 1) if donate else ()
+    given = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
+    jitted = jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options, **given)
+    if in_shardings is None:
+        return jitted
+
+    @functools.wraps(step)
+    def call(lora_params, opt_state, base_params, batch, rng=None):
+        return jitted(lora_params, opt_state, base_params, batch, rng)
+
+    call.lower = lambda lora_params, opt_state, base_params, batch, rng=None: jitted.lower(
+        lora_params, opt_state, base_params, batch, rng)
+    call.jitted = jitted
+    return call
 
 
 def make_full_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                         has_aux: bool = False, donate: bool = True) -> Callable:
+                         has_aux: bool = False, donate: bool = True,
+                         compiler_options: dict | None = None) -> Callable:
     """The full fine-tuning baseline: ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
     Every parameter is differentiated and updated; use it to compare LoRA
@@ -84,7 +119,7 @@ def make_full_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gr
     Args:
       apply: ``apply(params, *args, **kwargs)``, e.g.
         ``lambda p, *a, **k: module.apply({"params": p}, *a, **k)``.
-      loss_fn, has_aux: as in :func:`make_train_step`.
+      loss_fn, has_aux, compiler_options: as in :func:`make_train_step`.
       optimizer: any optax transformation, initialised on ``params``.
       donate: donate ``params`` and ``opt_state`` to the step.
 
@@ -105,4 +140,4 @@ def make_full_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gr
 
         return _update(objective, params, opt_state, optimizer, has_aux)
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return jax.jit(step, donate_argnums=(0, 1) if donate else (), compiler_options=compiler_options)

@@ -180,3 +180,26 @@ def test_adapters_only_on_a_combined_tree_freezes_the_base():
     assert L.count_params(state) < 2 * L.count_params(lora) + 16
     mask = L.optim.adapter_mask(combined)
     assert sum(jax.tree.leaves(mask)) == len(jax.tree.leaves(lora))
+
+
+def test_memory_lean_options_let_remat_save_memory_on_cpu():
+    # XLA:CPU's default scheduler starts the recomputation of remat'ed layers
+    # early, so their activations stay alive anyway; the memory-optimised
+    # scheduler honours the checkpoints. Compiled only (XLA's memory analysis).
+    if jax.default_backend() != "cpu":
+        pytest.skip("the option is CPU-only")
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4)
+    ids = jax.random.randint(jax.random.key(0), (4, 64), 0, 256)
+    model = LlamaForCausalLM(LlamaConfig(**kw, remat=True))
+    params = model.init(jax.random.key(1), ids)["params"]
+    cfg = L.LoraConfig(rank=4, targets=("attention", "mlp"))
+    lora = L.init_lora(cfg, model, params, ids, rng=jax.random.key(2))
+    tx = optax.sgd(0.1)
+    temp = {}
+    for lean in (False, True):
+        options = L.backend.memory_lean_options("cpu") if lean else None
+        step = L.make_train_step(L.lora_apply(model, cfg), lambda m, b: causal_lm_loss(m(b), b), tx,
+                                 compiler_options=options)
+        temp[lean] = step.lower(lora, tx.init(lora), params, ids).compile().memory_analysis().temp_size_in_bytes
+    # measured: 8.8 MB without, 3.4 MB with (jax 0.10.2)
+    assert temp[True] < 0.6 * temp[False], temp
