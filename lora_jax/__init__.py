@@ -7,10 +7,11 @@ alone, and ``merge``/``unmerge`` fold them into (and out of) the base weights.
 Several adapters for one base live in an ``AdapterSet`` (switch, mix per row,
 hot-swap); ``combine`` adds them into one. ``lora_apply_fn`` adapts any JAX
 function of a params pytree (plain dicts, haiku, equinox); ``lora_jax.nnx``
-attaches adapters to Flax NNX models.
+attaches adapters to Flax NNX models; ``lora_jax.sharding`` lays base and
+adapters out over a device mesh for sharded training and merging.
 """
 
-from lora_jax import analysis, backend, core, functional, io, models, multi, nnx, optim, reference
+from lora_jax import analysis, backend, core, functional, io, models, multi, nnx, optim, reference, sharding
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import LoraConfig
 from lora_jax.functional import init_lora_fn, lora_apply_fn, merge_fn, unmerge_fn
@@ -55,6 +56,7 @@ __all__ = [
     "optim",
     "reference",
     "select",
+    "sharding",
     "stack",
     "summary",
     "unmerge",

@@ -77,7 +77,7 @@ def config_to_hf(config: LlamaConfig) -> dict:
 
 def _expected(config: LlamaConfig) -> dict:
     """Param shapes of the unscanned model, ``{path tuple: ShapeDtypeStruct}``."""
-    module = LlamaForCausalLM(dataclasses.replace(config, scan_layers=False, remat=False))
+    module = LlamaForCausalLM(dataclasses.replace(config, scan_layers=False, remat=False, activation_sharding=None))
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     return {tuple(str(k.key) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}

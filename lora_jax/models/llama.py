@@ -52,7 +52,12 @@ class LlamaConfig:
     ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
     ``num_key_value_heads`` to ``num_attention_heads`` (multi-head attention).
     ``scan_layers`` and ``remat`` are ours: one ``nn.scan`` over the decoder
-    layers, and rematerialisation of each layer in the backward pass.
+    layers, and rematerialisation of each layer in the backward pass. So is
+    ``activation_sharding``: a ``jax.sharding.NamedSharding`` for the residual
+    stream ``[batch, seq, hidden]`` at each decoder layer's input (e.g.
+    ``NamedSharding(mesh, P("data"))``), so that sharded training keeps every
+    layer's activations split over the batch; XLA's propagation alone may
+    replicate the batch inside the layers (see ``lora_jax.sharding``).
     """
 
     vocab_size: int = 4096
@@ -73,6 +78,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    activation_sharding: Any = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -199,6 +205,8 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, layer_cache=None, index=None):
         cfg = self.config
+        if cfg.activation_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, cfg.activation_sharding)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
         h, layer_cache = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), positions,
                                                                layer_cache, index)
