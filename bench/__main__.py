@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 # name -> module under bench/; each has NAME, TITLE and run(mode) -> dict.
-BENCHMARKS = {"train_step": "bench.train_step", "multi_adapter": "bench.multi_adapter", "nnx_step": "bench.nnx_step"}
+BENCHMARKS = {"train_step": "bench.train_step", "nnx_step": "bench.nnx_step", "peers": "bench.peers",
+              "multi_adapter": "bench.multi_adapter"}
 
 
 def main(argv=None) -> int:
@@ -22,7 +25,11 @@ def main(argv=None) -> int:
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="few repeats (the default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full", help="more repeats")
+    size.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
+                      help="one timed round: checks that everything runs, measures nothing worth keeping")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default: bench/results; a fresh temporary one for --smoke)")
     parser.set_defaults(mode="quick")
     args = parser.parse_args(argv)
 
@@ -31,19 +38,21 @@ def main(argv=None) -> int:
     hdr = common.header()
     common.log(f"bench ({args.mode}): {hdr['cpu']}, {hdr['cpu_cores']} cores; jax {hdr['jax']} on "
                f"{hdr['backend']} ({hdr['device_kind']})")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="lora_jax_bench_smoke_")) if args.mode == "smoke"
+                       else common.RESULTS)
     names = [args.only] if args.only else list(BENCHMARKS)
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         start = time.perf_counter()
         common.log(f"== {name}: {module.TITLE}")
         result = module.run(args.mode)
-        path = common.save(name, {**result, "wall_s": time.perf_counter() - start}, hdr)
+        path = common.save(name, {**result, "wall_s": time.perf_counter() - start}, hdr, out)
         common.log(f"== {name} done in {time.perf_counter() - start:.1f}s -> {path}")
         for table in result.get("tables", []):
             print(f"\n{name}: {table['title']}\n" + common.markdown_table(table["columns"], table["rows"]))
         for note in result.get("notes", []):
             print(f"- {note}")
-    print(f"\nwrote {common.RESULTS / 'README.md'}")
+    print(f"\nwrote {out / 'README.md'}")
     return 0
 
 

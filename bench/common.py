@@ -29,7 +29,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
 # Round-robin repeats and warm-up calls per mode.
-MODES = {"quick": {"repeats": 10, "warmup": 2}, "full": {"repeats": 30, "warmup": 3}}
+MODES = {"smoke": {"repeats": 1, "warmup": 1}, "quick": {"repeats": 10, "warmup": 2},
+         "full": {"repeats": 30, "warmup": 3}}
 
 
 # ---- the header
@@ -154,6 +155,145 @@ def flops(compiled) -> float | None:
 
 def ratio(num, den):
     return num / den if num is not None and den else None
+
+
+# ---- train-step runs (train_step, nnx_step, peers)
+
+class StepRunner:
+    """One compiled training step that owns its (donated) state: ``state = step(*state, *const)``.
+
+    ``jitted`` returns ``(*new_state, metrics)`` with ``metrics["loss"]`` and
+    ``metrics["grad_norm"]``; ``const`` are the arguments it never donates
+    (frozen base params, the batch).
+    """
+
+    def __init__(self, label: str, jitted, state, const):
+        self.label, self.jitted, self.state, self.const = label, jitted, tuple(state), tuple(const)
+        self.times: list[float] = []
+
+    def compile(self, name: str) -> None:
+        log(f"[{name}] compiling {self.label} ...")
+        self.compiled, self.lower_s, self.compile_s = compile_aot(self.jitted, *self.state, *self.const)
+        self.memory = memory(self.compiled)
+        self.flops = flops(self.compiled)
+        log(f"[{name}]   lower {self.lower_s:.2f}s + compile {self.compile_s:.2f}s")
+
+    def step(self):
+        out, seconds = timed(self.compiled, *self.state, *self.const)
+        *state, metrics = out
+        self.state = tuple(state)
+        return metrics, seconds
+
+
+def run_rounds(runners, settings: dict, name: str) -> dict:
+    """Compiles every runner, warms each up, then times them round-robin (the first one rotating).
+
+    Returns each runner's first-call ``loss``, ``grad_norm`` and ``first_call_s``.
+    """
+    for r in runners:
+        r.compile(name)
+    first = {}
+    for i in range(settings["warmup"]):
+        for r in runners:
+            metrics, seconds = r.step()
+            if i == 0:
+                first[r.label] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                                  "first_call_s": seconds}
+        log(f"[{name}] warm-up {i + 1}/{settings['warmup']} done")
+    n = len(runners)
+    for i in progress(range(settings["repeats"]), total=settings["repeats"], desc=f"[{name}] timing"):
+        for j in range(n):
+            r = runners[(i + j) % n]
+            r.times.append(r.step()[1])
+    return first
+
+
+def rounds_method(settings: dict) -> str:
+    """The one-line description of :func:`run_rounds` for a result's ``method``."""
+    return (f"{settings['warmup']} warm-up calls each, then {settings['repeats']} round-robin rounds "
+            "(one call of each step per round, `jax.block_until_ready` on every output).")
+
+
+def _mib(value):
+    return None if value is None else value / 2**20
+
+
+def _fmt(value, spec: str):
+    return None if value is None else format(value, spec)
+
+
+def step_report(runners, baseline, tokens: int, first: dict, targets: dict | None = None) -> dict:
+    """Per-step statistics and the two tables (time, memory) relative to ``baseline``.
+
+    ``targets`` maps a runner label to ``(column, limit)``: the ratio in that
+    column ("time" or "memory") must be at most ``limit``. Memory is XLA's
+    argument + temporary bytes (donated outputs alias their arguments).
+    """
+    targets = targets or {}
+    base_time = stats(baseline.times)
+    base_mem = _args_temp(baseline.memory)
+    per_step = {}
+    for r in runners:
+        s = stats(r.times)
+        per_step[r.label] = {
+            **s, "tokens_per_s": tokens / s["median_s"], "ratio_vs_full": s["median_s"] / base_time["median_s"],
+            "ratio_vs_full_of_mins": s["min_s"] / base_time["min_s"],
+            "flops_ratio_vs_full": ratio(r.flops, baseline.flops),
+            "lower_s": r.lower_s, "compile_s": r.compile_s, "times_s": r.times, **first[r.label],
+            "memory": r.memory, "flops": r.flops, "memory_args_temp": _args_temp(r.memory),
+            "memory_ratio_vs_full": ratio(_args_temp(r.memory), base_mem),
+        }
+    verdicts = {}
+    for label, (column, limit) in targets.items():
+        key = "ratio_vs_full" if column == "time" else "memory_ratio_vs_full"
+        value = per_step[label][key]
+        verdicts[label] = {"column": column, "limit": limit, "value": value,
+                           "met": value is not None and value <= limit}
+    time_rows, mem_rows = [], []
+    for r in runners:
+        p, m = per_step[r.label], r.memory
+        verdict = lambda col: (f"<= {verdicts[r.label]['limit']:.2f} ({'met' if verdicts[r.label]['met'] else 'MISSED'})"
+                               if verdicts.get(r.label, {}).get("column") == col else "")
+        time_rows.append([r.label, f"{r.lower_s + r.compile_s:.2f}", f"{p['median_s']:.4f}", f"{p['min_s']:.4f}",
+                          f"{p['max_s']:.4f}", f"{p['tokens_per_s']:.0f}", f"{p['ratio_vs_full']:.3f}",
+                          f"{p['ratio_vs_full_of_mins']:.3f}", _fmt(p["flops_ratio_vs_full"], ".3f"),
+                          verdict("time")])
+        mem_rows.append([r.label, _fmt(_mib(m["argument_size_in_bytes"]), ".1f"),
+                         _fmt(_mib(m["temp_size_in_bytes"]), ".1f"), _fmt(_mib(m["output_size_in_bytes"]), ".1f"),
+                         _fmt(_mib(m["alias_size_in_bytes"]), ".1f"), _fmt(_mib(p["memory_args_temp"]), ".1f"),
+                         _fmt(p["memory_ratio_vs_full"], ".3f"), _fmt(None if r.flops is None else r.flops / 1e9, ".1f"),
+                         verdict("memory")])
+    return {
+        "steps": per_step, "verdicts": verdicts,
+        "tables": [
+            {"title": "Time per step",
+             "columns": ["step", "compile s", "median s", "min s", "max s", "tokens/s", "ratio vs full (median)",
+                         "ratio vs full (min)", "XLA FLOP ratio vs full", "target"],
+             "rows": time_rows},
+            {"title": "XLA memory analysis (MiB) and cost analysis",
+             "columns": ["step", "argument", "temp", "output", "alias", "argument + temp",
+                         "ratio vs full (argument + temp)", "GFLOP (XLA)", "target"],
+             "rows": mem_rows},
+        ],
+    }
+
+
+def _args_temp(mem: dict):
+    parts = (mem.get("argument_size_in_bytes"), mem.get("temp_size_in_bytes"))
+    return None if None in parts else sum(parts)
+
+
+def first_step_note(first: dict, fast: str, plain: str) -> str:
+    """The correctness line: first-step losses (identical initial model) and the two LoRA grad norms."""
+    losses = [v["loss"] for v in first.values()]
+    spread = max(losses) - min(losses)
+    agree = spread <= 1e-5 * max(abs(x) for x in losses)
+    gn_fast, gn_plain = first[fast]["grad_norm"], first[plain]["grad_norm"]
+    return ("Correctness: first step from identical initial weights (LoRA B = 0, so the adapted model is the "
+            "base): loss " + ", ".join(f"{k} {v['loss']:.6f}" for k, v in first.items())
+            + f" (spread {spread:.2e}: {'agree' if agree else 'DISAGREE'}); LoRA grad norm {fast} "
+            f"{gn_fast:.6g} vs {plain} {gn_plain:.6g} (rel. diff "
+            f"{abs(gn_fast - gn_plain) / max(abs(gn_plain), 1e-30):.2e}).")
 
 
 # ---- writers

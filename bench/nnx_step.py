@@ -1,4 +1,4 @@
-"""One training step through the NNX front end: full fine-tune vs LoRA (fast) vs LoRA (plain).
+"""One training step through the NNX front end: full fine-tune vs LoRA (fast, plain) vs Flax's own ``nnx.LoRA``.
 
 The reference workload of ``bench.train_step`` (float32 Llama-style causal LM,
 vocab 4096, hidden 512, MLP 1376, 4 layers, 8 heads, batch 8 x 128 random ids,
@@ -15,6 +15,10 @@ of time, warmed up and timed round-robin exactly as ``bench.train_step``. This
 is what ``nnx.jit`` + ``nnx.Optimizer(model, tx, wrt=...)`` compiles to, minus
 ``nnx.jit``'s per-call Python graph traversal, which would add a fixed cost
 of similar size to every step and blur the ratio.
+
+The peer row is Flax's built-in ``nnx.LoRA(base_module=linear)`` wrapped around
+the same seven projections (same rank, B = 0 at the start, ``nnx.LoRAParam``
+trained); it has no alpha/r scaling, which costs one multiply less.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from flax import nnx
 
 import lora_jax
 from bench import common
-from bench.train_step import ALPHA, BATCH, LEARNING_RATE, MODEL, RANK, SEQ, TARGET_FAST_RATIO, TARGETS, _mb
+from bench.train_step import (ALPHA, BATCH, LEARNING_RATE, MODEL, RANK, SEQ, TARGET_FAST_RATIO, TARGETS,
+                              workload_config)
 from lora_jax.models.llama import causal_lm_loss, inverse_frequencies, rotary
 from lora_jax.nnx import LoraParam, attach
 
 NAME = "nnx_step"
-TITLE = "NNX: LoRA train step vs full fine-tune step (reference Llama workload)"
+TITLE = "NNX: LoRA train step vs full fine-tune step and Flax's nnx.LoRA (reference Llama workload)"
 
 
 # ---- a compact NNX Llama (Hugging Face's names: self_attn/q_proj, mlp/gate_proj, lm_head)
@@ -113,23 +118,20 @@ def make_step(graphdef, tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-class _Runner:
-    """One compiled step with its own (donated) state, called as ``state = step(*state, *const)``."""
+PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
-    def __init__(self, label, jitted, state, const):
-        self.label, self.jitted, self.state, self.const = label, jitted, tuple(state), tuple(const)
-        self.times: list[float] = []
 
-    def compile(self):
-        self.compiled, self.lower_s, self.compile_s = common.compile_aot(self.jitted, *self.state, *self.const)
-        self.memory = common.memory(self.compiled)
-        self.flops = common.flops(self.compiled)
-
-    def step(self):
-        out, seconds = common.timed(self.compiled, *self.state, *self.const)
-        *state, metrics = out
-        self.state = tuple(state)
-        return metrics, seconds
+def with_flax_lora(model: NnxLlama, rank: int, rngs: nnx.Rngs) -> NnxLlama:
+    """A copy of ``model`` whose seven projections per layer are wrapped in Flax's ``nnx.LoRA``."""
+    model = nnx.clone(model)
+    for layer in model.layers:
+        for block, names in PROJECTIONS.items():
+            parent = getattr(layer, block)
+            for name in names:
+                linear = getattr(parent, name)
+                n_in, n_out = linear.kernel.shape
+                setattr(parent, name, nnx.LoRA(n_in, rank, n_out, base_module=linear, rngs=rngs))
+    return model
 
 
 def _build(seed: int):
@@ -145,136 +147,71 @@ def _runners(model, cfg, batch, k_lora, tx):
     # The full step donates its params, so it trains a private copy; the LoRA
     # steps share the (never donated) base params and each own their adapters.
     own = jax.tree.map(jnp.copy, params)
-    runners = [_Runner("NNX full fine-tune", make_step(graphdef, tx), (own, tx.init(own)), (rest, batch))]
+    runners = [common.StepRunner("NNX full fine-tune", make_step(graphdef, tx), (own, tx.init(own)), (rest, batch))]
     adapted = {}
     for impl in ("fast", "plain"):
         lora_model = attach(model, cfg, rngs=k_lora, impl=impl)   # same key: identical adapters
         adapted[impl] = lora_model
         lora_def, lora, frozen = nnx.split(lora_model, LoraParam, ...)
-        runners.append(_Runner(f"NNX LoRA {impl}", make_step(lora_def, tx), (lora, tx.init(lora)), (frozen, batch)))
-    return runners, params, adapted
+        runners.append(common.StepRunner(f"NNX LoRA {impl}", make_step(lora_def, tx), (lora, tx.init(lora)),
+                                         (frozen, batch)))
+    peer = with_flax_lora(model, RANK, nnx.Rngs(k_lora))
+    peer_def, peer_lora, peer_frozen = nnx.split(peer, nnx.LoRAParam, ...)
+    runners.append(common.StepRunner("Flax nnx.LoRA (peer)", make_step(peer_def, tx),
+                                     (peer_lora, tx.init(peer_lora)), (peer_frozen, batch)))
+    return runners, params, adapted, peer_lora
 
 
 def run(mode: str = "quick", *, seed: int = 0) -> dict:
     settings = common.MODES[mode]
     tx = optax.adamw(LEARNING_RATE)
     model, cfg, batch, k_lora = _build(seed)
-    runners, params, adapted = _runners(model, cfg, batch, k_lora, tx)
-    full, fast, plain = runners
+    runners, params, adapted, peer_lora = _runners(model, cfg, batch, k_lora, tx)
+    full, fast, plain, peer = runners
     lora_state = nnx.state(adapted["fast"], LoraParam)
     n_adapters = len({path[:-1] for path, _ in nnx.to_flat_state(lora_state)})
     trainable, base_count = lora_jax.count_params(lora_state), lora_jax.count_params(params)
+    if lora_jax.count_params(peer_lora) != trainable:
+        raise AssertionError(f"the nnx.LoRA peer trains {lora_jax.count_params(peer_lora):,} params, "
+                             f"lora_jax {trainable:,}: not the same workload")
 
-    for r in runners:
-        common.log(f"[{NAME}] compiling {r.label} ...")
-        r.compile()
-        common.log(f"[{NAME}]   lower {r.lower_s:.2f}s + compile {r.compile_s:.2f}s")
-
-    first = {}
-    for i in range(settings["warmup"]):
-        for r in runners:
-            metrics, seconds = r.step()
-            if i == 0:
-                first[r.label] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                                  "first_call_s": seconds}
-        common.log(f"[{NAME}] warm-up {i + 1}/{settings['warmup']} done")
-
-    n = len(runners)
-    for i in common.progress(range(settings["repeats"]), total=settings["repeats"], desc=f"[{NAME}] timing"):
-        for j in range(n):
-            r = runners[(i + j) % n]
-            r.times.append(r.step()[1])
-
-    tokens = BATCH * SEQ
-    base_stats = common.stats(full.times)
-    per_step = {}
-    for r in runners:
-        s = common.stats(r.times)
-        per_step[r.label] = {
-            **s, "tokens_per_s": tokens / s["median_s"], "ratio_vs_full": s["median_s"] / base_stats["median_s"],
-            "ratio_vs_full_of_mins": s["min_s"] / base_stats["min_s"],
-            "flops_ratio_vs_full": common.ratio(r.flops, full.flops),
-            "lower_s": r.lower_s, "compile_s": r.compile_s, "times_s": r.times, **first[r.label],
-            "memory": r.memory, "flops": r.flops,
-            "memory_ratio_vs_full": common.ratio(r.memory["total"], full.memory["total"]),
-            "memory_ratio_vs_full_minus_alias": common.ratio(r.memory["total_minus_alias"],
-                                                             full.memory["total_minus_alias"]),
-        }
-    fast_ratio = per_step[fast.label]["ratio_vs_full"]
-    plain_ratio = per_step[plain.label]["ratio_vs_full"]
-    met = fast_ratio <= TARGET_FAST_RATIO
-
-    time_rows = []
-    for r in runners:
-        p = per_step[r.label]
-        target = f"<= {TARGET_FAST_RATIO:.2f} ({'met' if met else 'MISSED'})" if r is fast else ""
-        time_rows.append([r.label, f"{r.lower_s + r.compile_s:.2f}", f"{p['median_s']:.4f}", f"{p['min_s']:.4f}",
-                          f"{p['max_s']:.4f}", f"{p['tokens_per_s']:.0f}", f"{p['ratio_vs_full']:.3f}",
-                          f"{p['ratio_vs_full_of_mins']:.3f}",
-                          None if p["flops_ratio_vs_full"] is None else f"{p['flops_ratio_vs_full']:.3f}", target])
-    fmt = lambda v: None if v is None else f"{v:.1f}"
-    mem_rows = []
-    for r in runners:
-        m, p = r.memory, per_step[r.label]
-        mem_rows.append([r.label, fmt(_mb(m["argument_size_in_bytes"])), fmt(_mb(m["output_size_in_bytes"])),
-                         fmt(_mb(m["temp_size_in_bytes"])), fmt(_mb(m["alias_size_in_bytes"])),
-                         fmt(_mb(m["total"])), fmt(_mb(m["total_minus_alias"])),
-                         None if p["memory_ratio_vs_full"] is None else f"{p['memory_ratio_vs_full']:.3f}",
-                         None if p["memory_ratio_vs_full_minus_alias"] is None
-                         else f"{p['memory_ratio_vs_full_minus_alias']:.3f}",
-                         None if r.flops is None else f"{r.flops / 1e9:.1f}"])
-
-    losses = [v["loss"] for v in first.values()]
-    loss_spread = max(losses) - min(losses)
-    losses_agree = loss_spread <= 1e-5 * max(abs(x) for x in losses)
-    gn_fast, gn_plain = first[fast.label]["grad_norm"], first[plain.label]["grad_norm"]
+    first = common.run_rounds(runners, settings, NAME)
+    report = common.step_report(runners, full, BATCH * SEQ, first, targets={fast.label: ("time", TARGET_FAST_RATIO)})
+    per_step = report["steps"]
+    ratio = {label: per_step[label]["ratio_vs_full"] for label in per_step}
+    vs_peer = per_step[fast.label]["tokens_per_s"] / per_step[peer.label]["tokens_per_s"]
     notes = [
         f"Workload: a compact NNX Llama ({', '.join(f'{k}={v}' for k, v in MODEL.items())}; nnx.Embed, "
         f"nnx.RMSNorm, rotary attention and SwiGLU MLP from nnx.Linear without bias, layers in an nnx.List), "
         f"float32; batch {BATCH} x {SEQ} random ids; `lora_jax.nnx.attach` rank {RANK}, alpha {ALPHA}, targets "
         f"{TARGETS} ({n_adapters} adapters, {trainable:,} trainable of {base_count:,} base params); "
-        f"optax.adamw({LEARNING_RATE:g}) on nnx.Param (full) or LoraParam (LoRA); trainable and optimizer "
-        "state donated.",
+        f"optax.adamw({LEARNING_RATE:g}) on nnx.Param (full), LoraParam (lora_jax) or nnx.LoRAParam (the "
+        "Flax peer); trainable and optimizer state donated.",
         "Each step is `jax.jit` of a pure function of `nnx.split(model, <trainable filter>, ...)` pieces "
         "(the model is rebuilt in the trace with `nnx.merge`), compiled ahead of time as in train_step; "
         "no `nnx.jit` graph traversal is timed. Compile: lower "
         + ", ".join(f"{r.label} {r.lower_s:.2f}s" for r in runners)
         + "; compile " + ", ".join(f"{r.label} {r.compile_s:.2f}s" for r in runners) + ".",
-        f"Ratios of the medians of this run: NNX LoRA-fast/full = {fast_ratio:.3f} "
-        f"(target <= {TARGET_FAST_RATIO:.2f}: {'met' if met else 'MISSED'}), NNX LoRA-plain/full = "
-        f"{plain_ratio:.3f}. The ratio of the minima is a check on noise; the XLA FLOP ratio is what "
-        "the arithmetic alone would give.",
-        "Memory is XLA's `compiled.memory_analysis()`; total = argument + output + temp; `total - alias` "
-        "discounts donated buffers counted twice. The LoRA steps' arguments include the frozen base params.",
-        "Correctness: first step from identical initial weights (LoRA B = 0, so the adapted model is the base): "
-        "loss " + ", ".join(f"{k} {v['loss']:.6f}" for k, v in first.items())
-        + f" (spread {loss_spread:.2e}: {'agree' if losses_agree else 'DISAGREE'}); LoRA grad norm fast "
-        f"{gn_fast:.6g} vs plain {gn_plain:.6g} (rel. diff {abs(gn_fast - gn_plain) / max(abs(gn_plain), 1e-30):.2e}).",
+        f"Ratios of the medians of this run: NNX LoRA fast / full = {ratio[fast.label]:.3f} "
+        f"(target <= {TARGET_FAST_RATIO:.2f}), NNX LoRA plain / full = {ratio[plain.label]:.3f}, "
+        f"Flax nnx.LoRA / full = {ratio[peer.label]:.3f}; lora_jax NNX fast vs the Flax peer: "
+        f"{vs_peer:.3f}x its tokens/s.",
+        "Memory is XLA's `compiled.memory_analysis()`, argument + temp bytes; the LoRA steps' arguments "
+        "include the frozen base params.",
+        common.first_step_note(first, fast.label, plain.label),
     ]
     return {
         "title": TITLE,
         "mode": mode,
-        "method": (f"{settings['warmup']} warm-up calls each, then {settings['repeats']} round-robin rounds "
-                   f"(one call of each step per round, `jax.block_until_ready` on every output)."),
-        "config": {"model": MODEL, "batch": BATCH, "seq": SEQ, "rank": RANK, "alpha": ALPHA,
-                   "targets": list(TARGETS), "learning_rate": LEARNING_RATE, "seed": seed,
-                   "trainable_params": trainable, "base_params": base_count, "adapters": n_adapters, **settings},
-        "ratios": {"lora_fast_over_full": fast_ratio, "lora_plain_over_full": plain_ratio,
-                   "target_lora_fast_over_full": TARGET_FAST_RATIO, "target_met": met,
-                   "flops_lora_fast_over_full": per_step[fast.label]["flops_ratio_vs_full"],
+        "method": common.rounds_method(settings),
+        "config": workload_config(seed, settings, trainable_params=trainable, base_params=base_count,
+                                  adapters=n_adapters),
+        "ratios": {"lora_fast_over_full": ratio[fast.label], "lora_plain_over_full": ratio[plain.label],
+                   "flax_lora_over_full": ratio[peer.label], "lora_fast_tokens_over_flax_lora": vs_peer,
                    "memory_lora_fast_over_full": per_step[fast.label]["memory_ratio_vs_full"],
-                   "memory_lora_fast_over_full_minus_alias": per_step[fast.label]["memory_ratio_vs_full_minus_alias"]},
-        "first_step_losses_agree": losses_agree,
+                   "flops_lora_fast_over_full": per_step[fast.label]["flops_ratio_vs_full"]},
+        "verdicts": report["verdicts"],
         "steps": per_step,
-        "tables": [
-            {"title": "Time per step",
-             "columns": ["step", "compile s", "median s", "min s", "max s", "tokens/s", "ratio vs full (median)",
-                         "ratio vs full (min)", "XLA FLOP ratio vs full", "target (median ratio)"],
-             "rows": time_rows},
-            {"title": "XLA memory analysis (MiB) and cost analysis",
-             "columns": ["step", "argument", "output", "temp", "alias", "total", "total - alias",
-                         "ratio vs full (total)", "ratio vs full (total - alias)", "GFLOP (XLA)"],
-             "rows": mem_rows},
-        ],
+        "tables": report["tables"],
         "notes": notes,
     }

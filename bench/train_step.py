@@ -1,12 +1,14 @@
-"""One training step: full fine-tune vs LoRA (fast custom-VJP path) vs LoRA (plain autodiff).
+"""One training step: full fine-tune vs LoRA (fast custom-VJP path, plain autodiff, rematerialised).
 
 The reference workload: a float32 Llama-style causal LM (vocab 4096, hidden
 512, MLP 1376, 4 layers, 8 heads), batch 8 x 128 random token ids, LoRA rank 8,
 alpha 16 on all seven attention and MLP projections, ``optax.adamw(1e-4)``.
-All three steps are jitted with their parameter and optimizer state donated,
+All steps are jitted with their parameter and optimizer state donated,
 compiled ahead of time, warmed up, then called round-robin (the starting step
 rotates each round) so that they share the machine's state; the ratios come
-from the medians of this one run.
+from the medians of this one run. The remat row rematerialises each decoder
+layer (``LlamaConfig(remat=True)``) and compiles with
+:func:`lora_jax.backend.memory_lean_options`: the memory option.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lora_jax.train import make_full_train_step
 NAME = "train_step"
 TITLE = "LoRA train step vs full fine-tune step (reference Llama workload)"
 TARGET_FAST_RATIO = 0.70
+TARGET_MEMORY_RATIO = 0.60
 
 MODEL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8)
@@ -40,25 +43,6 @@ def make_full_step(model, tx):
     return make_full_train_step(lambda p, *a: model.apply({"params": p}, *a), loss_fn, tx)
 
 
-class _Runner:
-    """One compiled step with its own (donated) state, called as ``state = step(*state, *const)``."""
-
-    def __init__(self, label, jitted, state, const):
-        self.label, self.jitted, self.state, self.const = label, jitted, tuple(state), tuple(const)
-        self.times: list[float] = []
-
-    def compile(self):
-        self.compiled, self.lower_s, self.compile_s = common.compile_aot(self.jitted, *self.state, *self.const)
-        self.memory = common.memory(self.compiled)
-        self.flops = common.flops(self.compiled)
-
-    def step(self):
-        out, seconds = common.timed(self.compiled, *self.state, *self.const)
-        *state, metrics = out
-        self.state = tuple(state)
-        return metrics, seconds
-
-
 def _build(seed: int):
     model = LlamaForCausalLM(LlamaConfig(**MODEL))
     k_init, k_data, k_lora = jax.random.split(jax.random.key(seed), 3)
@@ -69,21 +53,41 @@ def _build(seed: int):
     return model, cfg, params, lora, batch
 
 
+def lora_step(cfg, tx, *, impl: str = "fast", remat: bool = False):
+    """The LoRA step on the reference Llama; ``remat`` rematerialises each layer with the memory-lean scheduler."""
+    model = LlamaForCausalLM(LlamaConfig(**MODEL, remat=remat))
+    options = lora_jax.backend.memory_lean_options() if remat else None
+    return lora_jax.make_train_step(lora_jax.lora_apply(model, cfg, impl=impl), loss_fn, tx,
+                                    compiler_options=options)
+
+
 def _runners(model, cfg, params, lora, batch, tx):
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     # The full step donates its params, so it trains a private copy; the LoRA
     # steps share the (never donated) base params and each own their adapters.
     full_params = copy(params)
-    runners = [_Runner("full fine-tune", make_full_step(model, tx), (full_params, tx.init(full_params)), (batch,))]
-    for impl in ("fast", "plain"):
-        step = lora_jax.make_train_step(lora_jax.lora_apply(model, cfg, impl=impl), loss_fn, tx)
+    runners = [common.StepRunner("full fine-tune", make_full_step(model, tx), (full_params, tx.init(full_params)),
+                                 (batch,))]
+    for label, impl, remat in (("LoRA fast", "fast", False), ("LoRA plain", "plain", False),
+                               ("LoRA fast + remat", "fast", True)):
         own = copy(lora)
-        runners.append(_Runner(f"LoRA {impl}", step, (own, tx.init(own)), (params, batch)))
+        runners.append(common.StepRunner(label, lora_step(cfg, tx, impl=impl, remat=remat), (own, tx.init(own)),
+                                         (params, batch)))
     return runners
 
 
-def _mb(value):
-    return None if value is None else value / 2**20
+def _full_remat_memory(params, batch, tx) -> dict:
+    """XLA's memory analysis of the full step with the same remat option (compiled, never run)."""
+    model = LlamaForCausalLM(LlamaConfig(**MODEL, remat=True))
+    step = make_full_train_step(lambda p, *a: model.apply({"params": p}, *a), loss_fn, tx,
+                                compiler_options=lora_jax.backend.memory_lean_options())
+    return common.memory(step.lower(params, tx.init(params), batch).compile())
+
+
+def workload_config(seed: int, settings: dict, **extra) -> dict:
+    """The workload's hyper-parameters as recorded in every result that uses it."""
+    return {"model": MODEL, "batch": BATCH, "seq": SEQ, "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
+            "learning_rate": LEARNING_RATE, "seed": seed, **extra, **settings}
 
 
 def run(mode: str = "quick", *, seed: int = 0) -> dict:
@@ -91,69 +95,18 @@ def run(mode: str = "quick", *, seed: int = 0) -> dict:
     tx = optax.adamw(LEARNING_RATE)
     model, cfg, params, lora, batch = _build(seed)
     runners = _runners(model, cfg, params, lora, batch, tx)
-    full, fast, plain = runners
-
-    for r in runners:
-        common.log(f"[{NAME}] compiling {r.label} ...")
-        r.compile()
-        common.log(f"[{NAME}]   lower {r.lower_s:.2f}s + compile {r.compile_s:.2f}s")
-
-    first = {}
-    for i in range(settings["warmup"]):
-        for r in runners:
-            metrics, seconds = r.step()
-            if i == 0:
-                first[r.label] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                                  "first_call_s": seconds}
-        common.log(f"[{NAME}] warm-up {i + 1}/{settings['warmup']} done")
-
-    n = len(runners)
-    for i in common.progress(range(settings["repeats"]), total=settings["repeats"], desc=f"[{NAME}] timing"):
-        for j in range(n):
-            r = runners[(i + j) % n]
-            r.times.append(r.step()[1])
-
-    tokens = BATCH * SEQ
-    base_stats = common.stats(full.times)
-    per_step = {}
-    for r in runners:
-        s = common.stats(r.times)
-        per_step[r.label] = {
-            **s, "tokens_per_s": tokens / s["median_s"], "ratio_vs_full": s["median_s"] / base_stats["median_s"],
-            "ratio_vs_full_of_mins": s["min_s"] / base_stats["min_s"],
-            "flops_ratio_vs_full": common.ratio(r.flops, full.flops),
-            "lower_s": r.lower_s, "compile_s": r.compile_s, "times_s": r.times, **first[r.label],
-            "memory": r.memory, "flops": r.flops,
-            "memory_ratio_vs_full": common.ratio(r.memory["total"], full.memory["total"]),
-            "memory_ratio_vs_full_minus_alias": common.ratio(r.memory["total_minus_alias"],
-                                                             full.memory["total_minus_alias"]),
-        }
-    fast_ratio = per_step[fast.label]["ratio_vs_full"]
-    plain_ratio = per_step[plain.label]["ratio_vs_full"]
-
-    time_rows = []
-    for r in runners:
-        p = per_step[r.label]
-        target = f"<= {TARGET_FAST_RATIO:.2f} ({'met' if fast_ratio <= TARGET_FAST_RATIO else 'MISSED'})" \
-            if r is fast else ""
-        time_rows.append([r.label, f"{r.lower_s + r.compile_s:.2f}", f"{p['median_s']:.4f}", f"{p['min_s']:.4f}",
-                          f"{p['max_s']:.4f}", f"{p['tokens_per_s']:.0f}", f"{p['ratio_vs_full']:.3f}",
-                          f"{p['ratio_vs_full_of_mins']:.3f}",
-                          None if p["flops_ratio_vs_full"] is None else f"{p['flops_ratio_vs_full']:.3f}", target])
-    mem_rows = []
-    for r in runners:
-        m, p = r.memory, per_step[r.label]
-        fmt = lambda v: None if v is None else f"{v:.1f}"
-        mem_rows.append([r.label, fmt(_mb(m["argument_size_in_bytes"])), fmt(_mb(m["output_size_in_bytes"])),
-                         fmt(_mb(m["temp_size_in_bytes"])), fmt(_mb(m["alias_size_in_bytes"])),
-                         fmt(_mb(m["total"])), fmt(_mb(m["total_minus_alias"])),
-                         None if p["memory_ratio_vs_full"] is None else f"{p['memory_ratio_vs_full']:.3f}",
-                         None if p["memory_ratio_vs_full_minus_alias"] is None
-                         else f"{p['memory_ratio_vs_full_minus_alias']:.3f}",
-                         None if r.flops is None else f"{r.flops / 1e9:.1f}"])
+    full, fast, plain, remat = runners
+    first = common.run_rounds(runners, settings, NAME)
+    report = common.step_report(runners, full, BATCH * SEQ, first,
+                                targets={fast.label: ("time", TARGET_FAST_RATIO),
+                                         remat.label: ("memory", TARGET_MEMORY_RATIO)})
+    per_step = report["steps"]
+    full_remat = _full_remat_memory(params, batch, tx)
+    full_remat_mem = full_remat["argument_size_in_bytes"] + full_remat["temp_size_in_bytes"]
+    ratio = {label: per_step[label]["ratio_vs_full"] for label in per_step}
+    mem = {label: per_step[label]["memory_ratio_vs_full"] for label in per_step}
 
     trainable, base_count = lora_jax.count_params(lora), lora_jax.count_params(params)
-    gn_fast, gn_plain = first[fast.label]["grad_norm"], first[plain.label]["grad_norm"]
     notes = [
         f"Workload: LlamaForCausalLM({', '.join(f'{k}={v}' for k, v in MODEL.items())}), float32; batch "
         f"{BATCH} x {SEQ} random ids; LoRA rank {RANK}, alpha {ALPHA}, targets {TARGETS} "
@@ -162,44 +115,37 @@ def run(mode: str = "quick", *, seed: int = 0) -> dict:
         "Compile = `jax.jit(step).lower(...)` + `.compile()` (ahead of time), timed before any call; "
         "per step: lower " + ", ".join(f"{r.label} {r.lower_s:.2f}s" for r in runners)
         + "; compile " + ", ".join(f"{r.label} {r.compile_s:.2f}s" for r in runners) + ".",
-        f"Ratios of the medians of this run: LoRA-fast/full = {fast_ratio:.3f} "
-        f"(target <= {TARGET_FAST_RATIO:.2f}), LoRA-plain/full = {plain_ratio:.3f}. The ratio of the minimum "
-        "times is shown beside it as a check on noise; the XLA FLOP ratio is what the arithmetic alone "
-        "would give (the LoRA step still back-propagates activation gradients through every frozen layer, "
-        "and skips only the weight gradients and the optimizer update of the base).",
-        "Memory is XLA's `compiled.memory_analysis()`; total = argument + output + temp. With donation the "
-        "outputs that reuse donated inputs (alias) are counted in both argument and output, so "
-        "`total - alias` is the closer footprint estimate. The LoRA steps' arguments include the frozen "
-        "base params (not donated).",
-        "First step (identical initial weights; LoRA B = 0 so all three losses agree): loss "
-        + ", ".join(f"{k} {v['loss']:.6f}" for k, v in first.items())
-        + f"; LoRA grad norm fast {gn_fast:.6g} vs plain {gn_plain:.6g} "
-        f"(rel. diff {abs(gn_fast - gn_plain) / max(abs(gn_plain), 1e-30):.2e}).",
+        f"Time, ratios of the medians of this run: LoRA fast / full = {ratio[fast.label]:.3f} (target <= "
+        f"{TARGET_FAST_RATIO:.2f}), LoRA plain / full = {ratio[plain.label]:.3f}, LoRA fast + remat / full = "
+        f"{ratio[remat.label]:.3f}. The ratio of the minima is a check on noise; the XLA FLOP ratio is "
+        "what the arithmetic alone would give (the LoRA step still back-propagates activation gradients "
+        "through every frozen layer, and skips only the weight gradients and the optimizer update of the base).",
+        f"Memory is XLA's `compiled.memory_analysis()`, argument + temp bytes (donated outputs reuse their "
+        f"arguments' buffers). LoRA fast / full = {mem[fast.label]:.3f}; LoRA fast + remat / full = "
+        f"{mem[remat.label]:.3f} (target <= {TARGET_MEMORY_RATIO:.2f}). The LoRA steps' arguments include the "
+        f"frozen base params. For reference, the full step with the same remat option needs "
+        f"{full_remat_mem / 2**20:.1f} MiB ({full_remat_mem / per_step[full.label]['memory_args_temp']:.3f} "
+        "of the plain full step; compiled, not timed).",
+        "Why remat needs `lora_jax.backend.memory_lean_options()` on CPU: XLA:CPU's default scheduler "
+        "orders work for parallelism and starts the recomputation of rematerialised layers early, which "
+        "keeps their activations alive anyway; the memory-aware scheduler honours the checkpoints. "
+        "GPU and TPU schedulers are memory-aware already (the option is empty there).",
+        common.first_step_note(first, fast.label, plain.label),
     ]
     return {
         "title": TITLE,
         "mode": mode,
-        "method": (f"{settings['warmup']} warm-up calls each, then {settings['repeats']} round-robin rounds "
-                   f"(one call of each step per round, `jax.block_until_ready` on every output)."),
-        "config": {"model": MODEL, "batch": BATCH, "seq": SEQ, "rank": RANK, "alpha": ALPHA,
-                   "targets": list(TARGETS), "learning_rate": LEARNING_RATE, "seed": seed,
-                   "trainable_params": trainable, "base_params": base_count, **settings},
-        "ratios": {"lora_fast_over_full": fast_ratio, "lora_plain_over_full": plain_ratio,
-                   "target_lora_fast_over_full": TARGET_FAST_RATIO,
-                   "target_met": fast_ratio <= TARGET_FAST_RATIO,
-                   "flops_lora_fast_over_full": per_step[fast.label]["flops_ratio_vs_full"],
-                   "memory_lora_fast_over_full": per_step[fast.label]["memory_ratio_vs_full"],
-                   "memory_lora_fast_over_full_minus_alias": per_step[fast.label]["memory_ratio_vs_full_minus_alias"]},
+        "method": common.rounds_method(settings),
+        "config": workload_config(seed, settings, trainable_params=trainable, base_params=base_count),
+        "ratios": {"lora_fast_over_full": ratio[fast.label], "lora_plain_over_full": ratio[plain.label],
+                   "lora_fast_remat_over_full": ratio[remat.label],
+                   "memory_lora_fast_over_full": mem[fast.label],
+                   "memory_lora_fast_remat_over_full": mem[remat.label],
+                   "memory_full_remat_over_full": full_remat_mem / per_step[full.label]["memory_args_temp"],
+                   "flops_lora_fast_over_full": per_step[fast.label]["flops_ratio_vs_full"]},
+        "verdicts": report["verdicts"],
+        "full_remat_memory": full_remat,
         "steps": per_step,
-        "tables": [
-            {"title": "Time per step",
-             "columns": ["step", "compile s", "median s", "min s", "max s", "tokens/s", "ratio vs full (median)",
-                         "ratio vs full (min)", "XLA FLOP ratio vs full", "target (median ratio)"],
-             "rows": time_rows},
-            {"title": "XLA memory analysis (MiB) and cost analysis",
-             "columns": ["step", "argument", "output", "temp", "alias", "total", "total - alias",
-                         "ratio vs full (total)", "ratio vs full (total - alias)", "GFLOP (XLA)"],
-             "rows": mem_rows},
-        ],
+        "tables": report["tables"],
         "notes": notes,
     }
