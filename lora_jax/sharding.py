@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections import Counter
 from typing import Any, Callable, Sequence
 
 import jax
@@ -34,8 +33,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax import train
 from lora_jax.config import LoraConfig
-from lora_jax.core import split_shape
-from lora_jax.tree import adapters, get_path, merge, set_path, unmerge, weight_name
+from lora_jax.hlo import KINDS, Collective, Collectives, collectives  # noqa: F401 - re-exported
+from lora_jax.tree import adapted_layers, get_path, merge, set_path, unmerge
 
 Rule = tuple[str, P]
 _AxisType = getattr(jax.sharding, "AxisType", None)   # JAX >= 0.5; before it every axis is Auto
@@ -203,22 +202,13 @@ def lora_shardings(lora_params, base_params, shardings=None) -> Any:
     if shardings is None:
         shardings = jax.tree.map(lambda leaf: getattr(leaf, "sharding", None), base_params)
     out: dict = {}
-    for path, node in adapters(lora_params).items():
+    for path, weight, base_node, node, (lead, in_shape, _) in adapted_layers(base_params, lora_params):
         name = "/".join(path)
-        try:
-            base_node = get_path(base_params, path)
-        except KeyError as err:
-            raise ValueError(f"adapter {name!r} has no layer in base params (missing {err.args[0]!r})") from None
-        weight = weight_name(base_node, path)
         w_shape = np.shape(base_node[weight])
         sharding = get_path(shardings, path + (weight,))
         if not isinstance(sharding, (NamedSharding, P)):
             raise ValueError(f"layer {name!r}: its {weight} has sharding {sharding!r}; expected a NamedSharding "
                              "or PartitionSpec (place the base with base_shardings first, or pass shardings)")
-        try:
-            lead, in_shape, _ = split_shape(w_shape, np.shape(node["a"]), np.shape(node["b"]))
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None
         spec = tuple(_spec_of(sharding))
         if len(spec) > len(w_shape):
             raise ValueError(f"layer {name!r}: its {weight} {list(w_shape)} has a sharding of {len(spec)} dims")
@@ -391,91 +381,3 @@ def _flat_placement(tree):
 def _cached_merge(config, treedef, leaves, donate, inverse):
     # one jitted function per (config, layout): repeated merges (adapter switching) compile once
     return make_sharded_merge(config, jax.tree.unflatten(treedef, leaves), donate=donate, inverse=inverse)
-
-
-# ---- communication in a compiled program
-
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(KINDS) + r")(-start|-done)?\(")
-_CALLEE = re.compile(r"\b(?:body|calls|to_apply|condition|true_computation|false_computation)=%?([\w.\-]+)")
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    """One collective op of a compiled program: its kind, result bytes, result type and runs per call."""
-
-    kind: str
-    bytes: int
-    shape: str
-    runs: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Collectives:
-    """The collectives of a compiled program (one entry per op in the HLO text)."""
-
-    ops: tuple[Collective, ...]
-
-    def counts(self, *, executed: bool = True) -> dict[str, int]:
-        """Ops per kind; ``executed`` counts an op inside a loop (scanned layers) once per iteration."""
-        c = Counter()
-        for op in self.ops:
-            c[op.kind] += op.runs if executed else 1
-        return {k: c[k] for k in KINDS if c[k]}
-
-    def bytes(self, *, executed: bool = True) -> dict[str, int]:
-        """Result bytes per kind, summed over the ops (per device; times the runs with ``executed``)."""
-        c = Counter()
-        for op in self.ops:
-            c[op.kind] += op.bytes * (op.runs if executed else 1)
-        return {k: c[k] for k in KINDS if c[k]}
-
-
-def _type_bytes(text: str) -> int:
-    return sum(_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text) if dt in _DTYPE_BYTES)
-
-
-def collectives(compiled) -> Collectives:
-    """The collective ops of a compiled program (``jitted.lower(...).compile()``, or its HLO text).
-
-    Parses the optimized HLO for all-gather, reduce-scatter, all-reduce,
-    collective-permute and all-to-all (async pairs counted once, at ``-done``),
-    with the bytes of each result on one device. An op in a ``while`` body with
-    a known trip count (``nn.scan``'s layer loop) runs that many times per call.
-
-    >>> hlo = '''ENTRY %main () -> f32[8] {
-    ...   %ag = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}
-    ... }'''
-    >>> collectives(hlo).bytes()
-    {'all-gather': 32}
-    """
-    text = compiled if isinstance(compiled, str) else compiled.as_text()
-    found, calls, entry, current = [], {}, None, None
-    for line in text.splitlines():
-        head = _COMPUTATION.match(line)
-        if head and "=" not in line.split("(")[0]:
-            current = head.group(1)
-            entry = current if line.startswith("ENTRY") else entry
-            calls.setdefault(current, [])
-            continue
-        trips = _TRIPS.search(line)
-        for callee in _CALLEE.findall(line):
-            calls.setdefault(current, []).append((callee, int(trips.group(1)) if trips and " while(" in line else 1))
-        op = _OP.search(line)
-        if op and op.group(3) != "-start":
-            found.append((current, op.group(2), _type_bytes(op.group(1)), op.group(1)))
-    runs = Counter()
-
-    def visit(comp, times):                 # the call graph is a small DAG
-        runs[comp] += times
-        for callee, n in calls.get(comp, []):
-            visit(callee, times * n)
-
-    visit(entry, 1)
-    return Collectives(tuple(Collective(kind, nbytes, shape, max(runs[comp], 1))
-                             for comp, kind, nbytes, shape in found))

@@ -81,8 +81,20 @@ def weight_name(base_node, path) -> str:
                      f"(found {sorted(base_node) if isinstance(base_node, Mapping) else type(base_node).__name__})")
 
 
-def _fold(base_params, lora_params, config: LoraConfig, fn: Callable) -> dict:
-    out = base_params
+def adapted_layers(base_params, lora_params):
+    """Yields ``(path, weight, base_node, adapter_node, (lead, in_shape, out_shape))`` per adapter, in tree order.
+
+    ``weight`` is the key of the adapted weight in ``base_node`` and the
+    shapes are :func:`lora_jax.core.split_shape` of it. Raises ``ValueError``
+    naming the layer when an adapter has no layer in ``base_params`` or its
+    factors do not fit the weight.
+
+    >>> import jax.numpy as jnp
+    >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
+    >>> lora = {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}
+    >>> [(path, weight, split) for path, weight, _, _, split in adapted_layers(base, lora)]
+    [(('q',), 'kernel', ((), (4,), (3,)))]
+    """
     for path, node in adapters(lora_params).items():
         name = "/".join(path)
         try:
@@ -90,12 +102,19 @@ def _fold(base_params, lora_params, config: LoraConfig, fn: Callable) -> dict:
         except KeyError as err:
             raise ValueError(f"adapter {name!r} has no layer in base params (missing {err.args[0]!r})") from None
         weight = weight_name(base_node, path)
-        w, a, b = base_node[weight], node["a"], node["b"]
         try:
-            core.split_shape(w.shape, a.shape, b.shape)
+            split = core.split_shape(np.shape(base_node[weight]), np.shape(node["a"]), np.shape(node["b"]))
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
-        out = set_path(out, path + (weight,), fn(w, a, b, config.scaling(name, a.shape[-1])))
+        yield path, weight, base_node, node, split
+
+
+def _fold(base_params, lora_params, config: LoraConfig, fn: Callable) -> dict:
+    out = base_params
+    for path, weight, base_node, node, _ in adapted_layers(base_params, lora_params):
+        a = node["a"]
+        scale = config.scaling("/".join(path), a.shape[-1])
+        out = set_path(out, path + (weight,), fn(base_node[weight], a, node["b"], scale))
     return out
 
 
