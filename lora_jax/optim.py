@@ -1,5 +1,6 @@
-"""optax helpers for users who hold base and adapters in one combined tree.
+"""optax helpers: LoRA+ learning rates, and freezing for users who hold base and adapters in one tree.
 
+:func:`lora_plus` gives the ``B`` factors a larger learning rate than ``A``.
 The default path (:func:`lora_jax.make_train_step`) differentiates the adapter
 tree alone and needs none of this. When a codebase keeps one tree (for example
 ``{"params": base, "lora": lora}``) these helpers make sure only adapters move.
@@ -10,7 +11,7 @@ the trees to avoid that cost). Put gradient clipping *inside* the ``tx`` given t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import optax
@@ -60,3 +61,48 @@ def adapters_only(tx: optax.GradientTransformation, mask=None) -> optax.Gradient
         return jax.tree.map(lambda trainable: "lora" if trainable else "frozen", m)
 
     return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _factor_labels(tree):
+    """``"b"`` on the ``b`` leaf of every adapter node, ``"a"`` on every other leaf."""
+    def walk(node, key=None, in_adapter=False):
+        if isinstance(node, Mapping):
+            here = is_adapter_node(node)
+            return {k: walk(child, k, here) for k, child in node.items()}
+        label = "b" if in_adapter and key == "b" else "a"
+        return jax.tree.map(lambda _: label, node)
+
+    return walk(tree)
+
+
+def lora_plus(optimizer: Callable[..., optax.GradientTransformation], learning_rate, *,
+              ratio: float = 16.0) -> optax.GradientTransformation:
+    """LoRA+ (Hayou, Ghosh and Yu, 2024): the ``B`` factors learn ``ratio`` times faster than ``A``.
+
+    ``optimizer(learning_rate)`` builds the optimizer for the ``A`` factors and
+    ``optimizer(ratio * learning_rate)`` the one for ``B`` (each with its own
+    state), like PEFT's ``create_loraplus_optimizer`` with ``loraplus_lr_ratio``.
+    Any leaf that is not an adapter's ``b`` gets the ``A`` rate.
+
+    Args:
+      optimizer: a function of the learning rate, e.g. ``optax.adamw`` or
+        ``lambda lr: optax.adamw(lr, weight_decay=0.01)``.
+      learning_rate: the ``A`` factors' rate: a number or an optax schedule
+        (``B`` then follows ``ratio`` times the schedule).
+      ratio: ``B``'s rate over ``A``'s; the paper recommends about 16 for
+        most tasks (larger for harder ones). Must be positive.
+
+    >>> import jax.numpy as jnp
+    >>> lora = {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}
+    >>> tx = lora_plus(optax.sgd, 0.5, ratio=4.0)
+    >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, lora), tx.init(lora), lora)
+    >>> float(updates["q"]["a"][0, 0]), float(updates["q"]["b"][0, 0])
+    (-0.5, -2.0)
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ValueError(f"LoRA+ ratio must be a positive number, got {ratio!r}")
+    if callable(learning_rate):
+        b_rate = lambda count: ratio * learning_rate(count)
+    else:
+        b_rate = ratio * learning_rate
+    return optax.multi_transform({"a": optimizer(learning_rate), "b": optimizer(b_rate)}, _factor_labels)
