@@ -11,7 +11,7 @@ attaches adapters to Flax NNX models; ``lora_jax.sharding`` lays base and
 adapters out over a device mesh for sharded training and merging.
 """
 
-from lora_jax import analysis, backend, core, functional, io, models, multi, nnx, optim, reference, sharding
+from lora_jax import analysis, backend, core, functional, inits, io, models, multi, nnx, optim, reference, sharding
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import LoraConfig
 from lora_jax.functional import init_lora_fn, lora_apply_fn, merge_fn, unmerge_fn
@@ -43,6 +43,7 @@ __all__ = [
     "functional",
     "init_lora",
     "init_lora_fn",
+    "inits",
     "io",
     "lora_apply",
     "lora_apply_fn",
