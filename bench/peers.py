@@ -86,14 +86,12 @@ class TorchRunner:
     def __init__(self, label: str, worker: Worker, which: str):
         self.label, self.worker, self.which = label, worker, which
         self.times: list[float] = []
-        self.losses: list[float] = []
 
     def compile(self, name: str) -> None:  # eager PyTorch: nothing to compile
         self.lower_s = self.compile_s = 0.0
 
     def step(self):
         answer = self.worker.ask(cmd="step", which=self.which, n=1)
-        self.losses += answer["losses"]
         return {"loss": answer["losses"][0], "grad_norm": float("nan")}, answer["times_s"][0]
 
 
