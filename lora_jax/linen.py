@@ -177,6 +177,25 @@ def _name(path) -> str:
     return "/".join(path)
 
 
+def _base_call(kind: _Kind, context, args, kwargs, next_fun):
+    """The layer's own output. A quantized weight (any object with ``dequantize()``, as
+    :mod:`lora_jax.quant` makes) is dequantized for this call only, inside the traced
+    function, so only one layer's float weight exists at a time."""
+    w = context.module.get_variable("params", kind.weight)
+    if not callable(getattr(w, "dequantize", None)):
+        return next_fun(*args, **kwargs)
+    params = {**context.module.variables["params"], kind.weight: w.dequantize()}
+    with _passthrough():
+        return context.module.clone(parent=None).apply({"params": params}, *args,
+                                                       method=context.method_name, **kwargs)
+
+
+def weight_value(module, kind: _Kind):
+    """The float value of ``module``'s adapted weight (dequantized if it is stored quantized)."""
+    w = module.get_variable("params", kind.weight)
+    return w.dequantize() if callable(getattr(w, "dequantize", None)) else w
+
+
 # ---- discovery
 
 def _context(module) -> tuple[str, ...]:
@@ -226,9 +245,10 @@ def find_layers(module: nn.Module, base_params, *args, extra_variables=None, rng
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         kind = _handled(context)
-        out = next_fun(*call_args, **call_kwargs)
-        if kind is not None:
-            _record(records, base_params, kind, context.module, call_args, call_kwargs, out)
+        if kind is None:
+            return next_fun(*call_args, **call_kwargs)
+        out = _base_call(kind, context, call_args, call_kwargs, next_fun)
+        _record(records, base_params, kind, context.module, call_args, call_kwargs, out)
         return out
 
     def run(params):
@@ -426,10 +446,12 @@ def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast
 
         def interceptor(next_fun, call_args, call_kwargs, context):
             kind = _handled(context)
-            if kind is None or not context.module.has_variable(COLLECTION, "a"):
+            if kind is None:
                 return next_fun(*call_args, **call_kwargs)
+            y = _base_call(kind, context, call_args, call_kwargs, next_fun)
+            if not context.module.has_variable(COLLECTION, "a"):
+                return y
             used.add(tuple(context.module.path))
-            y = next_fun(*call_args, **call_kwargs)
             term = _adapter_term(config, impl, kind, context, call_args, call_kwargs, ids)
             return y + term.astype(y.dtype)
 
