@@ -99,6 +99,12 @@ class LoraConfig:
         syntax and the first matching entry wins, as in PEFT. Each pattern
         must match at least one adapted layer.
       alpha_pattern: ``{pattern: alpha}``, the same for ``alpha``.
+      use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): each adapted
+        layer also trains a magnitude ``m`` per output feature (adapter key
+        ``"m"``, shape ``lead + out_shape``) and computes
+        ``x @ (m * V / ||V||) + bias`` with ``V = W + scale * A @ B`` and the
+        column norm taken over the input axes and held constant in the
+        backward pass, as PEFT does. Dense and DenseGeneral layers (linen).
 
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=("attention",))
     >>> cfg.scaling("layers_0/attn/query")
@@ -121,6 +127,7 @@ class LoraConfig:
     init: str = "default"
     rank_pattern: tuple[tuple[Pattern, int], ...] = ()
     alpha_pattern: tuple[tuple[Pattern, float], ...] = ()
+    use_dora: bool = False
 
     def __post_init__(self):
         for field, check in (("rank", _positive_int), ("alpha", _positive_float)):
@@ -131,8 +138,9 @@ class LoraConfig:
         if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
                 or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"LoraConfig.{field} must be a bool, got {getattr(self, field)!r}")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
@@ -147,6 +155,12 @@ class LoraConfig:
                            _pattern_table(self.alpha_pattern, "alpha_pattern", _positive_float))
         if not self.targets:
             raise ValueError("LoraConfig.targets must name at least one layer, preset or pattern, got ()")
+
+    def require_plain(self, where: str):
+        """Raises for options that the front end ``where`` does not implement (today: DoRA)."""
+        if self.use_dora:
+            raise ValueError(f"{where}: LoraConfig.use_dora is not supported here; DoRA is implemented by the "
+                             f"linen front end (lora_jax.lora_apply / init_lora)")
 
     def scaling(self, path: str, rank: int | None = None) -> float:
         """The factor multiplying ``A @ B`` for the layer at ``path``.

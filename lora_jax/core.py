@@ -144,3 +144,57 @@ def init_factors(key, init: str, kind: str, lead, in_shape, out_shape, rank: int
     else:
         a = kaiming_uniform(key, a_shape, dtype, math.prod(in_shape))
     return a, jnp.zeros(b_shape, dtype)
+
+
+# ---- DoRA (Liu et al., 2024): W' = m * (W + s A B) / ||W + s A B||, the norm per output feature
+
+def _flat_factors(w, a, b, dtype=jnp.float32):
+    """``w``, ``a``, ``b`` as ``lead + [in, out]``, ``lead + [in, r]``, ``lead + [r, out]`` in ``dtype``."""
+    lead, in_shape, out_shape = split_shape(w.shape, a.shape, b.shape)
+    n_in, n_out, r = math.prod(in_shape), math.prod(out_shape), a.shape[-1]
+    return (w.astype(dtype).reshape(*lead, n_in, n_out), a.astype(dtype).reshape(*lead, n_in, r),
+            b.astype(dtype).reshape(*lead, r, n_out), lead + out_shape)
+
+
+def dora_norm(w, a, b, scale: float, *, impl: Impl = "fast"):
+    """``||W + scale * A @ B||`` over the input axes, per output feature (shape ``lead + out_shape``).
+
+    ``"fast"`` never forms the ``[in, out]`` sum: it expands the squared norm
+    as ``||W_j||^2 + 2 s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j``, which costs
+    one ``[out, in] x [in, r]`` product instead of an ``in x out`` temporary.
+    ``"plain"`` forms ``W + s A B`` (the reference). Both run in float32.
+
+    >>> w = jnp.array([[3.0, 0.0], [0.0, 1.0]]); a = jnp.array([[0.0], [1.0]]); b = jnp.array([[4.0, 0.0]])
+    >>> dora_norm(w, a, b, 1.0), dora_norm(w, a, b, 1.0, impl="plain")
+    (Array([5., 1.], dtype=float32), Array([5., 1.], dtype=float32))
+    """
+    w2, a2, b2, shape = _flat_factors(w, a, b)
+    hi = jax.lax.Precision.HIGHEST
+    if impl == "plain":
+        return jnp.linalg.norm(w2 + scale * jnp.matmul(a2, b2, precision=hi), axis=-2).reshape(shape)
+    if impl != "fast":
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    cross = jnp.sum(jnp.matmul(jnp.swapaxes(a2, -1, -2), w2, precision=hi) * b2, axis=-2)
+    gram = jnp.matmul(jnp.swapaxes(a2, -1, -2), a2, precision=hi)
+    quad = jnp.sum(jnp.matmul(gram, b2, precision=hi) * b2, axis=-2)
+    sq = jnp.sum(w2 * w2, axis=-2) + (2.0 * scale) * cross + (scale * scale) * quad
+    return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(shape)
+
+
+def dora_factor_shape(w_shape, a_shape, b_shape) -> tuple:
+    """The shape that broadcasts a per-output-feature vector over a weight: ``lead + [1]*len(in) + out``."""
+    lead, in_shape, out_shape = split_shape(w_shape, a_shape, b_shape)
+    return lead + (1,) * len(in_shape) + out_shape
+
+
+def dora_merge_weight(w, a, b, m, scale: float):
+    """``m * (W + s A B) / ||W + s A B||`` per output feature, in float32, cast back to ``w.dtype``.
+
+    >>> w = jnp.array([[3.0, 0.0], [4.0, 2.0]]); a = jnp.zeros((2, 1)); b = jnp.zeros((1, 2))
+    >>> dora_merge_weight(w, a, b, jnp.array([10.0, 1.0]), 1.0)
+    Array([[6., 0.],
+           [8., 1.]], dtype=float32)
+    """
+    v = w.astype(jnp.float32) + delta(a, b, scale, w.shape)
+    factor = m.astype(jnp.float32) / dora_norm(w, a, b, scale, impl="plain")
+    return (v * factor.reshape(dora_factor_shape(w.shape, a.shape, b.shape))).astype(w.dtype)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from lora_jax import core
 from lora_jax.config import LoraConfig
 from lora_jax.targets import HEAD_NAMES, Layer, select
-from lora_jax.tree import adapters, set_path
+from lora_jax.tree import adapters, check_dora, set_path
 
 GENERIC_WEIGHT_NAMES = frozenset({"kernel", "weight", "w", "embedding"})
 LAYOUTS = ("in_out", "out_in")
@@ -114,6 +114,7 @@ def init_lora_fn(config: LoraConfig, params, *, rng, layout: Layout = "in_out", 
     >>> jax.tree.map(jnp.shape, lora)
     {'up': {'a': (4, 2), 'b': (2, 6)}}
     """
+    config.require_plain("init_lora_fn")
     lora: dict = {}
     for layer in select(config, find_weights(params, layout=layout)):
         key = jax.random.fold_in(rng, zlib.crc32(layer.name.encode()))
@@ -124,6 +125,7 @@ def init_lora_fn(config: LoraConfig, params, *, rng, layout: Layout = "in_out", 
 
 
 def _fold(params, lora, config: LoraConfig, layout: Layout, sign: float):
+    config.require_plain("lora_jax.functional")
     nodes = {"/".join(path): node for path, node in adapters(lora).items()}
     used = set()
 
@@ -133,6 +135,7 @@ def _fold(params, lora, config: LoraConfig, layout: Layout, sign: float):
         if name not in nodes or not _is_weight(leaf):
             return leaf
         used.add(name)
+        check_dora(name, nodes[name], config)
         a, b = nodes[name]["a"], nodes[name]["b"]
         out_in = _layout_of(layout, name, leaf) == "out_in"
         shape = tuple(leaf.shape)
@@ -189,6 +192,7 @@ def lora_apply_fn(fn: Callable[..., Any], config: LoraConfig, *, layout: Layout 
     >>> bool(jnp.array_equal(apply(params, lora, x), mlp(params, x)))   # B = 0 at init
     True
     """
+    config.require_plain("lora_apply_fn")
 
     def apply(params, lora, *args, **kwargs):
         if lora is None:

@@ -27,7 +27,7 @@ from flax.linen import dtypes as flax_dtypes
 from lora_jax import core, terms
 from lora_jax.config import LoraConfig
 from lora_jax.targets import HEAD_NAMES, LINEAR_KINDS, Layer, select
-from lora_jax.tree import adapter_paths, get_path, set_path
+from lora_jax.tree import adapter_paths, check_dora, get_path, set_path
 
 COLLECTION = "lora"
 DROPOUT_RNG = "lora_dropout"
@@ -301,8 +301,24 @@ def init_lora(config: LoraConfig, module: nn.Module, base_params, *args, rng,
         key = jax.random.fold_in(rng, zlib.crc32(layer.name.encode()))
         a, b = core.init_factors(key, config.init, layer.kind, layer.lead, layer.in_shape,
                                  layer.out_shape, config.rank_for(layer.name), dtype)
-        lora = set_path(lora, layer.path, {"a": a, "b": b})
+        node = {"a": a, "b": b}
+        if config.use_dora:
+            _check_dora_kind(layer.name, layer.kind)
+            w = get_path(base_params, layer.path + (layer.weight,))
+            w = w.dequantize() if callable(getattr(w, "dequantize", None)) else w
+            # With B = 0 the magnitude starts at ||W|| per output feature: the model is unchanged.
+            node["m"] = core.dora_norm(w, a, b, 0.0).astype(dtype)
+        lora = set_path(lora, layer.path, node)
     return lora
+
+
+DORA_KINDS = ("dense", "dense_general")
+
+
+def _check_dora_kind(name: str, kind: str):
+    if kind not in DORA_KINDS:
+        raise ValueError(f"layer {name!r}: DoRA is supported on Dense and DenseGeneral layers, not {kind!r}; "
+                         f"exclude this layer from LoraConfig.targets or set use_dora=False")
 
 
 # ---- the adapted apply
@@ -351,9 +367,9 @@ def _mixed_term(term, c: _Call, ids, name: str):
     return jnp.where((valid | (ids == -1)).reshape(rows), y, jnp.full((), jnp.nan, y.dtype))
 
 
-def _adapter_term(config, impl, kind, context, args, kwargs, ids=None):
+def _adapter_term(config, impl, kind, context, args, kwargs, ids=None, lora=None):
     module = context.module
-    a, b = module.get_variable(COLLECTION, "a"), module.get_variable(COLLECTION, "b")
+    a, b = (module.get_variable(COLLECTION, k) if lora is None else lora[k] for k in ("a", "b"))
     name = _name(module.path)
     w = module.get_variable("params", kind.weight)
     in_shape, out_shape = kind.shapes(module, tuple(w.shape), args, kwargs)
@@ -370,6 +386,39 @@ def _adapter_term(config, impl, kind, context, args, kwargs, ids=None):
     term = kind.terms[context.method_name]
     with _passthrough():
         return term(call) if ids is None else _mixed_term(term, call, ids, name)
+
+
+def _dora_output(config, impl, kind, context, args, kwargs, y, ids):
+    """DoRA: ``g * y + (1 - g) * bias + scale * (x @ A) @ (B * g)`` with ``g = m / ||W + s A B||``.
+
+    This equals ``x @ (g * (W + s A B)) + bias`` while reusing the layer's own
+    output ``y``: the base matmul is neither repeated forward nor backward (its
+    gradient arrives scaled by ``g``), and ``g`` rides on ``B``'s columns, so
+    the product stays factored. The norm is a constant for autodiff (PEFT and
+    the paper's section 4.3 detach it).
+    """
+    module = context.module
+    name = _name(module.path)
+    check_dora(name, ("m",) if module.has_variable(COLLECTION, "m") else (), config)
+    _check_dora_kind(name, kind.name)
+    if ids is not None:
+        raise ValueError(f"layer {name!r}: mixed-adapter batches (adapter_ids) do not support DoRA adapters")
+    a, b, m = (module.get_variable(COLLECTION, k) for k in ("a", "b", "m"))
+    w = weight_value(module, kind)
+    _, _, out_shape = core.split_shape(w.shape, a.shape, b.shape)
+    if tuple(m.shape) != tuple(out_shape):
+        raise ValueError(f"layer {name!r}: DoRA magnitude m{list(m.shape)} does not fit the layer's "
+                         f"output features {list(out_shape)}")
+    scale = config.scaling(name, a.shape[-1])
+    norm = jax.lax.stop_gradient(core.dora_norm(w, a, b, scale, impl=impl))
+    g = m.astype(jnp.float32) / norm
+    lift = lambda v, ndim: v.reshape((1,) * (ndim - v.ndim) + v.shape)
+    base = lift(g, y.ndim) * y
+    if module.has_variable("params", "bias"):
+        base = base + lift((1.0 - g) * module.get_variable("params", "bias"), y.ndim)
+    scaled = {"a": a, "b": b * lift(g, b.ndim).astype(b.dtype)}
+    term = _adapter_term(config, impl, kind, context, args, kwargs, lora=scaled)
+    return (base + term).astype(y.dtype)
 
 
 def _check_ids(adapter_ids, lora_params):
@@ -452,6 +501,8 @@ def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast
             if not context.module.has_variable(COLLECTION, "a"):
                 return y
             used.add(tuple(context.module.path))
+            if config.use_dora or context.module.has_variable(COLLECTION, "m"):
+                return _dora_output(config, impl, kind, context, call_args, call_kwargs, y, ids)
             term = _adapter_term(config, impl, kind, context, call_args, call_kwargs, ids)
             return y + term.astype(y.dtype)
 

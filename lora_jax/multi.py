@@ -93,6 +93,9 @@ def _geometry(base, adapter: Adapter, label: str):
         raise ValueError(f"{label}: the LoRA tree holds no adapters ({{'a', 'b'}} nodes)")
     for path, node in nodes.items():
         name = "/".join(path)
+        if "m" in node:
+            raise ValueError(f"{label}: layer {name!r} is a DoRA adapter (it has a magnitude 'm'); "
+                             f"this operation works on plain LoRA adapters only")
         try:
             base_node = get_path(base, path)
         except KeyError as err:

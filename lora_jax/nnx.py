@@ -302,6 +302,7 @@ def _adapt(model, config: LoraConfig, factors: Callable, *, dropout_rngs=None, i
     """A copy of ``model`` with ``(a, b) = factors(record)`` attached to each targeted layer."""
     if impl not in core.IMPLS:
         raise ValueError(f"impl must be one of {core.IMPLS}, got {impl!r}")
+    config.require_plain("lora_jax.nnx")
     model = nnx.clone(model)  # new Variables over the same (immutable) arrays: no weight is copied
     found = _find(model)
     chosen = {layer.path for layer in select(config, [layer for layer, _ in found])}

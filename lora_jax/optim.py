@@ -64,12 +64,13 @@ def adapters_only(tx: optax.GradientTransformation, mask=None) -> optax.Gradient
 
 
 def _factor_labels(tree):
-    """``"b"`` on the ``b`` leaf of every adapter node, ``"a"`` on every other leaf."""
+    """``"b"`` on the ``b`` and DoRA ``m`` leaves of every adapter node, ``"a"`` on every other leaf."""
     def walk(node, key=None, in_adapter=False):
         if isinstance(node, Mapping):
             here = is_adapter_node(node)
             return {k: walk(child, k, here) for k, child in node.items()}
-        label = "b" if in_adapter and key == "b" else "a"
+        # PEFT's create_loraplus_optimizer puts one-dimensional parameters (DoRA's magnitude) with B.
+        label = "b" if in_adapter and key in ("b", "m") else "a"
         return jax.tree.map(lambda _: label, node)
 
     return walk(tree)
@@ -82,7 +83,8 @@ def lora_plus(optimizer: Callable[..., optax.GradientTransformation], learning_r
     ``optimizer(learning_rate)`` builds the optimizer for the ``A`` factors and
     ``optimizer(ratio * learning_rate)`` the one for ``B`` (each with its own
     state), like PEFT's ``create_loraplus_optimizer`` with ``loraplus_lr_ratio``.
-    Any leaf that is not an adapter's ``b`` gets the ``A`` rate.
+    A DoRA magnitude ``m`` gets ``B``'s rate (as PEFT groups it); any other
+    leaf gets the ``A`` rate.
 
     Args:
       optimizer: a function of the learning rate, e.g. ``optax.adamw`` or

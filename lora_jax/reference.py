@@ -122,3 +122,46 @@ def lowrank_grads(x, a, b, scale: float, g):
     db = scale * (x2 @ a).T @ g2
     dx = scale * g2 @ b.T @ a.T
     return dx.reshape(x.shape), da, db
+
+
+def dora_weight(w, a, b, m, scale: float):
+    """DoRA's effective weight ``m * V / ||V||`` with ``V = W + scale * A @ B``, the norm per output column.
+
+    ``w`` is ``[in, out]``. ``||m * V / ||V|| ||`` is ``|m|`` column by column:
+
+    >>> v = dora_weight(np.eye(2), np.ones((2, 1)), np.ones((1, 2)), np.array([3.0, 4.0]), 1.0)
+    >>> np.linalg.norm(v, axis=0)
+    array([3., 4.])
+    """
+    v = merge(w, a, b, scale)
+    return v * (_f64(m)[0] / np.linalg.norm(v, axis=0))
+
+
+def dora_dense(x, w, a, b, m, scale: float, bias=None):
+    """A DoRA Dense layer: ``x @ dora_weight(...) + bias``."""
+    x, = _f64(x)
+    y = x @ dora_weight(w, a, b, m, scale)
+    return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def dora_grads(x, w, a, b, m, scale: float, g):
+    """Closed-form gradients of ``sum(g * dora_dense(x, ...))`` with the norm held constant.
+
+    With ``n = ||W + s A B||`` per column treated as a constant (as PEFT and
+    the DoRA paper do), ``c = m / n`` and ``H = G * c`` (``G`` the ``[tokens,
+    out]`` view of ``g``): ``dm = sum_t G * (X @ V) / n``, ``dA = s X.T @ H @ B.T``,
+    ``dB = s (X @ A).T @ H``, ``dx = H @ (W + s A B).T``.
+
+    Returns:
+      ``(dx, dA, dB, dm)``, with ``dx`` shaped like ``x``.
+    """
+    x, w, a, b, m, g = _f64(x, w, a, b, m, g)
+    v = merge(w, a, b, scale)
+    n = np.linalg.norm(v, axis=0)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    h = g2 * (m / n)
+    dm = np.sum(g2 * (x2 @ v), axis=0) / n
+    da = scale * x2.T @ h @ b.T
+    db = scale * (x2 @ a).T @ h
+    dx = h @ v.T
+    return dx.reshape(x.shape), da, db, dm

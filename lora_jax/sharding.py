@@ -216,7 +216,9 @@ def lora_shardings(lora_params, base_params, shardings=None) -> Any:
         cut, n_lead = len(lead) + len(in_shape), len(lead)
         out = set_path(out, path, {**{k: None for k in node},
                                    "a": _like(sharding, spec[:cut] + (None,)),
-                                   "b": _like(sharding, spec[:n_lead] + (None,) + spec[cut:])})
+                                   "b": _like(sharding, spec[:n_lead] + (None,) + spec[cut:]),
+                                   # DoRA's magnitude runs along the output features, like b's columns.
+                                   **({"m": _like(sharding, spec[:n_lead] + spec[cut:])} if "m" in node else {})})
     extra = [_path_str(kp) for kp, leaf in jax.tree_util.tree_flatten_with_path(out, is_leaf=lambda x: x is None)[0]
              if leaf is None]
     if extra or jax.tree.structure(lora_params) != jax.tree.structure(out):

@@ -109,19 +109,46 @@ def adapted_layers(base_params, lora_params):
         yield path, weight, base_node, node, split
 
 
-def _fold(base_params, lora_params, config: LoraConfig, fn: Callable) -> dict:
+def is_quantized(weight) -> bool:
+    """Whether a base weight is stored quantized (an object with ``dequantize()``, see :mod:`lora_jax.quant`)."""
+    return callable(getattr(weight, "dequantize", None))
+
+
+def check_dora(name: str, node, config: LoraConfig):
+    """Raises unless the adapter node has a DoRA magnitude ``"m"`` exactly when ``config.use_dora``."""
+    if ("m" in node) != config.use_dora:
+        has = "has a DoRA magnitude 'm'" if "m" in node else "has no DoRA magnitude 'm'"
+        raise ValueError(f"layer {name!r}: the adapter {has}, but LoraConfig.use_dora is {config.use_dora}")
+
+
+def _fold(base_params, lora_params, config: LoraConfig, fn: Callable, what: str) -> dict:
     out = base_params
     for path, weight, base_node, node, _ in adapted_layers(base_params, lora_params):
-        a = node["a"]
-        scale = config.scaling("/".join(path), a.shape[-1])
-        out = set_path(out, path + (weight,), fn(base_node[weight], a, node["b"], scale))
+        name, w, a = "/".join(path), base_node[weight], node["a"]
+        if is_quantized(w):
+            raise ValueError(f"layer {name!r}: the base weight is stored quantized; {what} into it must "
+                             f"re-quantize, which rounds. Use lora_jax.quant.merge_quantized, which reports "
+                             f"that rounding error")
+        check_dora(name, node, config)
+        scale = config.scaling(name, a.shape[-1])
+        if "m" in node:
+            if what != "merge":
+                raise ValueError(
+                    f"layer {name!r}: a DoRA merge cannot be undone from the merged weight alone (it keeps only "
+                    f"the direction of W + s*A@B and the magnitude m, not the norm it divided by). Keep the "
+                    f"base params, which merge never modifies, instead of unmerging")
+            new = core.dora_merge_weight(w, a, node["b"], node["m"], scale)
+        else:
+            new = fn(w, a, node["b"], scale)
+        out = set_path(out, path + (weight,), new)
     return out
 
 
 def merge(base_params, lora_params, config: LoraConfig) -> dict:
     """Folds every adapter into its weight: ``W + scale * A @ B`` (float32, cast back).
 
-    The result is a plain params tree for the unmodified module.
+    The result is a plain params tree for the unmodified module. DoRA adapters
+    (``config.use_dora``) fold to ``m * V / ||V||`` with ``V = W + scale * A @ B``.
 
     >>> import jax.numpy as jnp
     >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
@@ -129,13 +156,15 @@ def merge(base_params, lora_params, config: LoraConfig) -> dict:
     >>> merge(base, lora, LoraConfig(rank=2, alpha=4))["q"]["kernel"][0]
     Array([4., 4., 4.], dtype=float32)
     """
-    return _fold(base_params, lora_params, config, core.merge_weight)
+    return _fold(base_params, lora_params, config, core.merge_weight, "merge")
 
 
 def unmerge(merged_params, lora_params, config: LoraConfig) -> dict:
     """Inverse of :func:`merge`: ``W - scale * A @ B`` (float32, cast back).
 
-    Exact up to one rounding of ``W + delta`` to the weight's dtype.
+    Exact up to one rounding of ``W + delta`` to the weight's dtype. DoRA
+    merges cannot be undone from the merged tree (the norm they divided by is
+    gone); this raises for them.
 
     >>> import jax.numpy as jnp
     >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
@@ -144,7 +173,7 @@ def unmerge(merged_params, lora_params, config: LoraConfig) -> dict:
     >>> unmerge(merge(base, lora, cfg), lora, cfg)["q"]["kernel"][0]
     Array([0., 0., 0.], dtype=float32)
     """
-    return _fold(merged_params, lora_params, config, core.unmerge_weight)
+    return _fold(merged_params, lora_params, config, core.unmerge_weight, "unmerge")
 
 
 def count_params(tree: Any) -> int:

@@ -15,7 +15,7 @@ ADAPTERS = os.path.join(FIXTURES, "adapters")
 
 # adapter fixture -> (base model folder, sub-folder of a non-default adapter name)
 ADAPTER_BASES = {"plain": ("llama_tiny", None), "patterns": ("llama_tiny", None), "rslora": ("llama_tiny", None),
-                 "embedding": ("llama_tiny", None), "tied_attn": ("llama_tiny_tied", None),
+                 "embedding": ("llama_tiny", None), "dora": ("llama_tiny", None), "tied_attn": ("llama_tiny_tied", None),
                  "named": ("llama_tiny", "second")}
 
 #: the issue's bar for agreement with PyTorch float32 logits

@@ -6,6 +6,7 @@ torch 2.13 (tests/fixtures/make_peft_fixtures.py); no torch is needed here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import LoraConfig, merge
+from lora_jax import LoraConfig, merge, unmerge
 from lora_jax.io import tensors as st
 from lora_jax.io.peft import UnsupportedAdapterError, load_peft, peft_pattern_lookup, save_peft
 from tests.fixtures_data import ADAPTER_BASES, ADAPTERS, assert_logits_match, forward, model, reference
@@ -132,10 +133,18 @@ def test_save_peft_from_a_scanned_model(tmp_path):
     assert jax.tree.all(jax.tree.map(np.array_equal, load_peft(tmp_path).lora, flat.lora))
 
 
-def test_dora_is_refused_until_supported():
-    with pytest.raises(UnsupportedAdapterError, match=r"DoRA adapters \(lora_magnitude_vector\) are not supported "
-                                                      r"yet \(use_dora = True\)"):
-        load_peft(os.path.join(ADAPTERS, "dora"))
+def test_dora_magnitude_layout_and_unmerge_refusal():
+    adapter = _load("dora")
+    raw = st.read(os.path.join(ADAPTERS, "dora", "adapter_model.safetensors"))
+    q = adapter.lora["model"]["layers_1"]["self_attn"]["q_proj"]
+    np.testing.assert_array_equal(q["m"], raw["base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"])
+    assert adapter.config.use_dora and q["m"].shape == (64,)
+    _, params = model("llama_tiny")
+    with pytest.raises(ValueError, match=r"'model/layers_0/self_attn/q_proj': a DoRA merge cannot be undone"):
+        unmerge(merge(params, adapter.lora, adapter.config), adapter.lora, adapter.config)
+    plain = dataclasses.replace(adapter.config, use_dora=False)
+    with pytest.raises(ValueError, match=r"has a DoRA magnitude 'm', but LoraConfig.use_dora is False"):
+        merge(params, adapter.lora, plain)
 
 
 def _copy_adapter(tmp_path, name="plain"):

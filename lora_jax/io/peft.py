@@ -28,7 +28,7 @@ import numpy as np
 from lora_jax.config import LoraConfig
 from lora_jax.io import tensors as st
 from lora_jax.io.names import stack_layers, to_flax, to_torch, unstack_layers
-from lora_jax.tree import adapters, get_path, set_path, weight_name
+from lora_jax.tree import adapters, check_dora, get_path, set_path, weight_name
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -45,7 +45,6 @@ KNOWN_KEYS = frozenset((
 
 # Features whose files we cannot represent faithfully: (key, "is active" test, why).
 UNSUPPORTED = (
-    ("use_dora", bool, "DoRA adapters (lora_magnitude_vector) are not supported yet"),
     ("lora_bias", bool, "lora_bias (a trained bias on lora_B) is not supported"),
     ("bias", lambda v: v not in (None, "none"), "trained base biases (bias != 'none') are not supported"),
     ("modules_to_save", bool, "modules_to_save (fully trained extra modules) are not supported"),
@@ -65,7 +64,7 @@ UNSUPPORTED = (
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "kasa")
 
 _TENSOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                         r"lora_embedding_B|base_layer\.weight)$")
+                         r"lora_embedding_B|lora_magnitude_vector|base_layer\.weight)$")
 _SIDE = {"lora_A.weight": ("linear", "a"), "lora_B.weight": ("linear", "b"),
          "lora_embedding_A": ("embedding", "a"), "lora_embedding_B": ("embedding", "b")}
 
@@ -81,7 +80,8 @@ class PeftAdapter:
     Attributes:
       config: the :class:`LoraConfig` (per-layer ranks and alphas resolved
         into ``rank_pattern``/``alpha_pattern`` entries).
-      lora: the adapter tree in our layout (``{path: {"a": [in, r], "b": [r, out]}}``).
+      lora: the adapter tree in our layout (``{path: {"a": [in, r], "b": [r, out]}}``, plus
+        ``"m": [out]`` for DoRA, PEFT's ``lora_magnitude_vector``).
       peft_config: the ``adapter_config.json`` dict as read.
       base_weights: full base-layer tensors PEFT saved beside the adapter (it
         does so for targeted embeddings and heads), by PyTorch name; they are
@@ -139,6 +139,9 @@ def _group_tensors(raw: Mapping[str, np.ndarray], where: str):
         if kind == "base_layer.weight":
             base_weights[f"{module}.weight"] = value
             continue
+        if kind == "lora_magnitude_vector":
+            modules[module]["m"] = value
+            continue
         layer_kind, side = _SIDE[kind]
         entry = modules[module]
         if entry.setdefault("kind", layer_kind) != layer_kind:
@@ -151,6 +154,10 @@ def _group_tensors(raw: Mapping[str, np.ndarray], where: str):
             raise UnsupportedAdapterError(
                 f"{where}: module {module!r}: A {list(entry['a'].shape)} and B {list(entry['b'].shape)} are not "
                 f"a [r, in] / [out, r] pair (only Linear and Embedding adapters are read)")
+        if "m" in entry and (entry["kind"] != "linear" or entry["m"].shape != entry["b"].shape[:1]):
+            raise UnsupportedAdapterError(
+                f"{where}: module {module!r}: DoRA magnitude {list(entry['m'].shape)} is not the [out] vector of "
+                f"a Linear layer with B {list(entry['b'].shape)} (DoRA is read for Linear layers only)")
     return dict(modules), base_weights
 
 
@@ -185,7 +192,7 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
 
     Returns:
       a :class:`PeftAdapter`. Unknown config keys are ignored with a warning;
-      features we cannot represent (DoRA, lora_bias, modules_to_save, other
+      features we cannot represent (lora_bias, modules_to_save, other
       PEFT methods, ...) raise :class:`UnsupportedAdapterError`.
 
     >>> import tempfile
@@ -209,6 +216,7 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
     if not modules:
         raise ValueError(f"{folder}: {WEIGHTS_FILE} holds no LoRA tensors")
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    use_dora = bool(cfg.get("use_dora"))
     ranks, alphas, lora = {}, {}, {}
     for module in sorted(modules):
         entry, layer = modules[module], to_flax(module)
@@ -218,12 +226,16 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
                              f"r/rank_pattern give {expected_rank}")
         ranks[layer] = expected_rank
         alphas[layer] = float(peft_pattern_lookup(cfg.get("alpha_pattern") or {}, module, alpha))
-        a, b = entry["a"].T, entry["b"].T
+        if ("m" in entry) != use_dora:
+            raise ValueError(f"{folder}: module {module!r} {'has' if 'm' in entry else 'lacks'} a "
+                             f"lora_magnitude_vector but the config's use_dora is {use_dora}")
+        node = {"a": entry["a"].T, "b": entry["b"].T, **({"m": entry["m"]} if use_dora else {})}
         if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        lora = set_path(lora, tuple(layer.split("/")), {"a": a, "b": b})
+            node = {k: v.astype(dtype) for k, v in node.items()}
+        lora = set_path(lora, tuple(layer.split("/")), node)
     config = LoraConfig(rank=r, alpha=alpha, **_targets(cfg, sorted(ranks)),
                         dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=bool(cfg.get("use_rslora")),
+                        use_dora=use_dora,
                         init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default",
                         rank_pattern=_pattern_table(ranks, r), alpha_pattern=_pattern_table(alphas, alpha))
     if scan_layers:
@@ -291,6 +303,10 @@ def save_peft(path: str | os.PathLike, lora: Mapping, config: LoraConfig, *, bas
                                                                                         "lora_B.weight")
         tensors[f"{PREFIX}{module}.{names[0]}"] = a.T
         tensors[f"{PREFIX}{module}.{names[1]}"] = b.T
+        check_dora(layer, node, config)
+        if "m" in node:
+            # PEFT keeps the absolute magnitude ||W + s*B@A|| per output row, shape [out], like ours.
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.asarray(node["m"])
         ranks[module], alphas[module] = a.shape[1], config.alpha_for(layer)
     if not tensors:
         raise ValueError("save_peft: the lora tree holds no adapters")
@@ -303,6 +319,8 @@ def save_peft(path: str | os.PathLike, lora: Mapping, config: LoraConfig, *, bas
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "use_rslora": config.use_rslora,
         "rank_pattern": {_pattern_key(m): int(v) for m, v in ranks.items() if v != r},
         "alpha_pattern": {_pattern_key(m): v for m, v in alphas.items() if v != alpha},
+        # Written only when set: PEFT before v0.9 does not know the key.
+        **({"use_dora": True} if config.use_dora else {}),
     }
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
