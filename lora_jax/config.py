@@ -105,6 +105,8 @@ class LoraConfig:
         ``x @ (m * V / ||V||) + bias`` with ``V = W + scale * A @ B`` and the
         column norm taken over the input axes and held constant in the
         backward pass, as PEFT does. Dense and DenseGeneral layers (linen).
+        Dropout applies to the adapter's input only (PEFT's training forward
+        with dropout also feeds the dropped input to the base matmul).
 
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=("attention",))
     >>> cfg.scaling("layers_0/attn/query")
