@@ -93,3 +93,30 @@ def test_nnx_quickstart(capsys):
     assert "merged model: Linear head, 0 adapter params left" in out
     diff, peak = map(float, re.search(r"max \|diff\| ([\d.e+-]+) \(max \|output\| ([\d.e+-]+)\)", out).groups())
     assert diff <= tol(jnp.float32) * peak
+
+
+def test_new_tokens(capsys):
+    # Short runs; the time goes to four compilations (pretraining step, adapter step, two forwards).
+    _load("new_tokens").main(["--pretrain-steps", "300", "--steps", "100", "--batch-size", "16", "--contexts", "4",
+                              "--rank", "4"])
+    out = capsys.readouterr().out
+    assert re.search(r"adapted layers: model/embed_tokens \(", out), out         # the embedding, nothing else
+    trainable, total = (int(x.replace(",", "")) for x in re.search(r"trainable params: ([\d,]+) of ([\d,]+)",
+                                                                    out).groups())
+    assert trainable == 3 * 4 + 4 * 64 and total > 100 * trainable             # 3 rows of A, and B
+    # The meaning: held-out facts about the emoji, never stated with them in the fine-tuning text.
+    loss0, acc0, loss1, acc1 = map(float, re.search(r"written with the new token: before ([\d.]+) / ([\d.]+) -> "
+                                                    r"after ([\d.]+) / ([\d.]+)", out).groups())
+    assert loss1 < 0.5 * loss0 and acc1 >= 2 * acc0, out
+    word_acc = float(re.search(r"with the original word: base [\d.]+ / ([\d.]+)", out).group(1))
+    assert word_acc >= 0.9                                                     # the base knows the facts
+    cosines = [tuple(map(float, m)) for m in re.findall(r"cosine\(.+?\): before ([+-][\d.]+) -> after ([+-][\d.]+)",
+                                                        out)]
+    assert len(cosines) == 3 and all(after > before + 0.3 for before, after in cosines), cosines
+    before, after = map(float, re.search(r"next token is an emoji: before ([\d.]+) -> after ([\d.]+)", out).groups())
+    assert after < 0.5 * before                                                # the tied head writes them
+    # Every other row of the merged table is bitwise the base's; exactly the 3 new rows moved.
+    assert "max |diff| over the 61 other rows 0, bitwise equal True; rows changed: 3 (🐱 🐶 🐮)" in out
+    diff, peak = map(float, re.search(r"merged vs unmerged: max \|logit diff\| ([\d.e+-]+) \(max \|logit\| "
+                                      r"([\d.e+-]+)\)", out).groups())
+    assert diff <= tol(jnp.float32) * peak
