@@ -184,10 +184,18 @@ def _base_call(kind: _Kind, context, args, kwargs, next_fun):
     w = context.module.get_variable("params", kind.weight)
     if not callable(getattr(w, "dequantize", None)):
         return next_fun(*args, **kwargs)
-    params = {**context.module.variables["params"], kind.weight: w.dequantize()}
-    with _passthrough():
-        return context.module.clone(parent=None).apply({"params": params}, *args,
-                                                       method=context.method_name, **kwargs)
+    layer = context.module.clone(parent=None)
+    others = {k: v for k, v in context.module.variables["params"].items() if k != kind.weight}
+
+    # Under jax.checkpoint the backward pass dequantizes again instead of keeping every
+    # layer's float weight as a residual, which would cost the float base's memory anyway.
+    @jax.checkpoint
+    def run(w, others):
+        with _passthrough():
+            return layer.apply({"params": {**others, kind.weight: w.dequantize()}}, *args,
+                               method=context.method_name, **kwargs)
+
+    return run(w, others)
 
 
 def weight_value(module, kind: _Kind):

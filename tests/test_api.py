@@ -24,7 +24,7 @@ def test_all_matches_what_is_importable():
 @pytest.mark.parametrize("module", ["config", "core", "linen", "optim", "reference", "report", "targets",
                                     "train", "tree", "backend", "models.llama", "models.hf", "models.generate",
                                     "io.peft", "io.tensors", "io.names", "io.progress",
-                                    "io.checkpoint", "sharding", "hlo", "inits", "optim"])
+                                    "io.checkpoint", "sharding", "hlo", "inits", "optim", "quant"])
 def test_every_public_function_has_a_docstring(module):
     mod = importlib.import_module(f"lora_jax.{module}")
     for name in dir(mod):
