@@ -27,7 +27,7 @@ from flax.linen import dtypes as flax_dtypes
 from lora_jax import core, terms
 from lora_jax.config import LoraConfig
 from lora_jax.targets import HEAD_NAMES, LINEAR_KINDS, Layer, select
-from lora_jax.tree import adapter_paths, check_dora, get_path, set_path
+from lora_jax.tree import adapter_paths, check_dora, get_path, is_quantized, set_path
 
 COLLECTION = "lora"
 DROPOUT_RNG = "lora_dropout"
@@ -182,7 +182,7 @@ def _base_call(kind: _Kind, context, args, kwargs, next_fun):
     :mod:`lora_jax.quant` makes) is dequantized for this call only, inside the traced
     function, so only one layer's float weight exists at a time."""
     w = context.module.get_variable("params", kind.weight)
-    if not callable(getattr(w, "dequantize", None)):
+    if not is_quantized(w):
         return next_fun(*args, **kwargs)
     layer = context.module.clone(parent=None)
     others = {k: v for k, v in context.module.variables["params"].items() if k != kind.weight}
@@ -201,7 +201,7 @@ def _base_call(kind: _Kind, context, args, kwargs, next_fun):
 def weight_value(module, kind: _Kind):
     """The float value of ``module``'s adapted weight (dequantized if it is stored quantized)."""
     w = module.get_variable("params", kind.weight)
-    return w.dequantize() if callable(getattr(w, "dequantize", None)) else w
+    return w.dequantize() if is_quantized(w) else w
 
 
 # ---- discovery
@@ -313,7 +313,7 @@ def init_lora(config: LoraConfig, module: nn.Module, base_params, *args, rng,
         if config.use_dora:
             _check_dora_kind(layer.name, layer.kind)
             w = get_path(base_params, layer.path + (layer.weight,))
-            w = w.dequantize() if callable(getattr(w, "dequantize", None)) else w
+            w = w.dequantize() if is_quantized(w) else w
             # With B = 0 the magnitude starts at ||W|| per output feature: the model is unchanged.
             node["m"] = core.dora_norm(w, a, b, 0.0).astype(dtype)
         lora = set_path(lora, layer.path, node)

@@ -39,7 +39,7 @@ from flax import struct
 
 from lora_jax import core
 from lora_jax.config import LoraConfig, compile_pattern
-from lora_jax.tree import adapted_layers, get_path, is_quantized, set_path
+from lora_jax.tree import adapted_layers, check_dora, get_path, is_quantized, set_path
 
 __all__ = ["METHODS", "NF4_OFFSET", "Int8Weight", "MergeReport", "NF4Weight", "QuantizedAbsmax",
            "dequantize_tree", "is_quantized", "merge_quantized", "nbytes", "nf4_levels", "quantize",
@@ -452,8 +452,9 @@ def merge_quantized(qbase, lora_params, config: LoraConfig):
     Returns:
       ``(new_qbase, report)``.
 
-    Raises ``ValueError`` for DoRA adapters (not supported yet) and, naming the
-    layer, for adapters that do not fit their weights.
+    DoRA adapters (``config.use_dora``) merge as :func:`lora_jax.merge` folds
+    them, ``m * V / ||V||``, before the re-quantization. Raises ``ValueError``,
+    naming the layer, for adapters that do not fit their weights.
 
     >>> base = {"q": {"kernel": quantize(jnp.eye(4), "int8")}}
     >>> lora = {"q": {"a": jnp.ones((4, 1)), "b": jnp.full((1, 4), 0.25)}}
@@ -466,15 +467,17 @@ def merge_quantized(qbase, lora_params, config: LoraConfig):
     out, rows = qbase, {}
     for path, weight, base_node, node, _ in adapted_layers(qbase, lora_params):
         name, w, a, b = "/".join(path), base_node[weight], node["a"], node["b"]
-        if "m" in node or config.use_dora:
-            raise ValueError(f"layer {name!r}: merge_quantized does not support DoRA adapters yet")
+        check_dora(name, node, config)
         scale = config.scaling(name, a.shape[-1])
+        value = w.dequantize() if is_quantized(w) else w
+        if "m" in node:
+            merged = core.dora_merge_weight(value.astype(jnp.float32), a, b, node["m"], scale)
+        else:
+            merged = value.astype(jnp.float32) + core.delta(a, b, scale, w.shape)
         if is_quantized(w):
-            merged = w.dequantize().astype(jnp.float32) + core.delta(a, b, scale, w.shape)
             new = w.requantize(merged)
             rows[name] = _rounding(new.dequantize(), merged, w.method)
         else:
-            merged = w.astype(jnp.float32) + core.delta(a, b, scale, w.shape)
             new = merged.astype(w.dtype)
             rows[name] = _rounding(new, merged, None)
         out = set_path(out, path + (weight,), new)

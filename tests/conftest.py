@@ -14,7 +14,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # suite draws random arrays of many shapes; no test depends on threefry's bits.
 jax.config.update("jax_default_prng_impl", "rbg")
 
-settings.register_profile("default", max_examples=15, deadline=None,
+settings.register_profile("default", max_examples=10, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from lora_jax import LoraConfig, init_lora, lora_apply, make_train_step, merge, quant, reference
+from lora_jax import LoraConfig, core, init_lora, lora_apply, make_train_step, merge, quant, reference
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 from tests import quant_reference as ref
 from tests.tolerances import assert_close
@@ -174,8 +174,25 @@ def test_bad_inputs_raise_clear_errors(rng):
     with pytest.raises(ValueError, match="layer 'hidden': its kernel is already quantized"):
         quant.quantize_base(model, q, x)
     lora = {"hidden": {"a": jnp.ones((40, 2)), "b": jnp.ones((2, 12)), "m": jnp.ones(12)}}
-    with pytest.raises(ValueError, match="layer 'hidden': merge_quantized does not support DoRA"):
+    with pytest.raises(ValueError, match="layer 'hidden': the adapter has a DoRA magnitude 'm', but"):
         quant.merge_quantized(q, lora, LoraConfig(rank=2))
+
+
+def test_merge_quantized_folds_dora_then_requantizes():
+    model, x, params = _two_dense()
+    q = quant.quantize_base(model, params, x, method="int8")
+    rng = np.random.default_rng(11)
+    lora = {"hidden": {"a": jnp.asarray(0.1 * rng.normal(size=(40, 2)), jnp.float32),
+                       "b": jnp.asarray(0.1 * rng.normal(size=(2, 12)), jnp.float32),
+                       "m": jnp.asarray(rng.uniform(0.5, 2.0, size=12), jnp.float32)}}
+    cfg = LoraConfig(rank=2, alpha=4.0, targets="hidden", use_dora=True)
+    merged, report = quant.merge_quantized(q, lora, cfg)
+    w, (a, b, m) = q["hidden"]["kernel"].dequantize(), (lora["hidden"][k] for k in "abm")
+    folded = core.dora_merge_weight(w, a, b, m, 2.0)          # the float merge, before re-quantizing
+    assert_close(folded, reference.dora_weight(w, a, b, m, 2.0), what="DoRA fold of the dequantized weight")
+    np.testing.assert_array_equal(merged["hidden"]["kernel"].q, quant.quantize(folded, "int8").q)
+    err = float(jnp.max(jnp.abs(merged["hidden"]["kernel"].dequantize() - folded)))
+    assert report.layers["hidden"]["max_abs_error"] == err > 0
 
 
 # ---- lora_apply on a quantized base: a two-layer linen model against the float64 oracle

@@ -196,8 +196,12 @@ def test_lora_tree_not_matching_the_base_is_an_error():
     with pytest.raises(ValueError, match=r"layer 'q': adapter shapes a\[6, 2\], b\[2, 8\] do not fit a weight of "
                                          r"shape \[8, 6\]"):
         S.lora_shardings({"q": {"a": jnp.zeros((6, 2)), "b": jnp.zeros((2, 8))}}, base, sh)
-    with pytest.raises(ValueError, match=r"leaves outside adapter nodes .*: q/m"):
-        S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "m": jnp.zeros(6)}}, base, sh)
+    with pytest.raises(ValueError, match=r"leaves outside adapter nodes .*: q/extra"):
+        S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "extra": jnp.zeros(6)}}, base, sh)
+    # a DoRA magnitude runs along the output features: it takes the weight's output-axis sharding
+    dora = S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "m": jnp.zeros(6)}}, base,
+                            {"q": {"kernel": P("data", "model")}})
+    assert tuple(dora["q"]["m"]) == ("model",) and tuple(dora["q"]["b"]) == (None, "model")
     with pytest.raises(ValueError, match=r"layer 'q': its kernel has sharding None"):
         S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}}, jax.eval_shape(lambda: base))
 
