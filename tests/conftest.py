@@ -33,6 +33,7 @@ def pytest_configure(config):
         _use_xla_cache(config._lora_jax_xla_cache)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
     """xdist: hand the controller's cache folder to each worker."""
     node.workerinput[_XLA_CACHE_KEY] = node.config._lora_jax_xla_cache
