@@ -20,7 +20,9 @@ import math
 import numbers
 import re
 from collections.abc import Mapping
-from typing import Union
+from typing import Any, NamedTuple, Union
+
+from lora_jax import deprecation
 
 PRESETS = ("attention", "mlp", "embedding", "all-linear")
 INITS = ("default", "gaussian")
@@ -218,3 +220,39 @@ def _pattern_table(table, field: str, check) -> tuple:
         raise ValueError(f"LoraConfig.{field} must be a mapping or a sequence of (pattern, value) pairs, "
                          f"got {table!r}") from None
     return tuple(out)
+
+
+class Adapter(NamedTuple):
+    """One adapter as a value: its config and its LoRA tree (``{...path: {"a", "b"}}``).
+
+    Wherever a function takes ``lora_params, config``, an ``Adapter`` may be
+    passed in the ``lora_params`` place instead (see :meth:`unpack`).
+
+    >>> cfg = LoraConfig(rank=1)
+    >>> adapter = Adapter(cfg, {"q": {"a": [[1.0]], "b": [[2.0]]}})
+    >>> Adapter.unpack(adapter, None, where="merge") == (adapter.lora_params, cfg)
+    True
+    """
+
+    config: LoraConfig
+    lora_params: Mapping
+
+    lora = deprecation.renamed_attribute("Adapter", "lora", "lora_params")
+
+    @staticmethod
+    def unpack(lora_params: Any, config: "LoraConfig | None", *, where: str) -> tuple[Mapping, "LoraConfig"]:
+        """``(lora_params, config)`` from a tree and its config, or from an adapter value and ``None``.
+
+        An adapter value is anything with ``.lora_params`` and ``.config``
+        (:class:`Adapter`, :class:`~lora_jax.multi.Combined`,
+        :class:`~lora_jax.multi.Stacked`, :class:`~lora_jax.io.peft.PeftAdapter`).
+        """
+        packed = hasattr(lora_params, "lora_params") and isinstance(getattr(lora_params, "config", None), LoraConfig)
+        if packed:
+            if config is not None and config != lora_params.config:
+                raise ValueError(f"{where}: got an adapter value and a different config; pass one or the other")
+            return lora_params.lora_params, lora_params.config
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"{where}: expected lora_params and its LoraConfig, or one Adapter(config, lora_params); "
+                            f"got config={type(config).__name__}")
+        return lora_params, config
