@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,9 @@ def split_shape(w_shape, a_shape, b_shape) -> tuple[tuple, tuple, tuple]:
     """Splits a weight shape into ``(lead, in_shape, out_shape)`` given its adapter.
 
     Raises ``ValueError`` if the three shapes are not a weight and its adapter.
+
+    >>> split_shape((3, 4, 2, 5), (3, 4, 8), (3, 8, 2, 5))      # 3 stacked layers, in [4], out [2, 5]
+    ((3,), (4,), (2, 5))
     """
     w_shape, a_shape, b_shape = tuple(w_shape), tuple(a_shape), tuple(b_shape)
     n_lead = len(a_shape) + len(b_shape) - 2 - len(w_shape)
@@ -108,13 +112,21 @@ def delta(a, b, scale: float, w_shape, *, dtype=jnp.float32):
 
 
 def merge_weight(w, a, b, scale: float):
-    """``w + scale * a @ b``, computed in float32 and cast back to ``w.dtype``."""
-    return (w.astype(jnp.float32) + delta(a, b, scale, w.shape)).astype(w.dtype)
+    """``w + scale * a @ b``, computed in float32 and cast back to ``w.dtype``.
+
+    >>> merge_weight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 0.5)[0]
+    Array([0.5, 0.5], dtype=float32)
+    """
+    return fold(w, {"a": a, "b": b}, scale).weight
 
 
 def unmerge_weight(w, a, b, scale: float):
-    """``w - scale * a @ b``, computed in float32 and cast back to ``w.dtype``."""
-    return (w.astype(jnp.float32) - delta(a, b, scale, w.shape)).astype(w.dtype)
+    """``w - scale * a @ b``, computed in float32 and cast back to ``w.dtype``.
+
+    >>> unmerge_weight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 0.5)[0]
+    Array([0.5, 0.5], dtype=float32)
+    """
+    return fold(w, {"a": a, "b": b}, scale, unmerge=True).weight
 
 
 def kaiming_uniform(key, shape, dtype, fan_in: int):
@@ -122,6 +134,9 @@ def kaiming_uniform(key, shape, dtype, fan_in: int):
 
     This is PyTorch's ``kaiming_uniform_(a=sqrt(5))``, which PEFT applies to
     ``lora_A``: gain ``sqrt(2 / (1 + 5))`` times ``sqrt(3 / fan_in)``.
+
+    >>> bool(jnp.all(jnp.abs(kaiming_uniform(jax.random.key(0), (16, 2), jnp.float32, 16)) <= 0.25))
+    True
     """
     bound = 1.0 / np.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -134,6 +149,10 @@ def init_factors(key, init: str, kind: str, lead, in_shape, out_shape, rank: int
     layer, fan-in ``prod(in_shape)``) and B zero; embeddings the other way
     round, A zero and B standard normal. ``"gaussian"`` draws A from
     ``N(0, 1/r^2)`` instead (embeddings unchanged).
+
+    >>> a, b = init_factors(jax.random.key(0), "default", "embed", (), (10,), (4,), 2, jnp.float32)
+    >>> a.shape, b.shape, bool(jnp.all(a == 0))
+    ((10, 2), (2, 4), True)
     """
     a_shape = tuple(lead) + tuple(in_shape) + (rank,)
     b_shape = tuple(lead) + (rank,) + tuple(out_shape)
@@ -182,7 +201,11 @@ def dora_norm(w, a, b, scale: float, *, impl: Impl = "fast"):
 
 
 def dora_factor_shape(w_shape, a_shape, b_shape) -> tuple:
-    """The shape that broadcasts a per-output-feature vector over a weight: ``lead + [1]*len(in) + out``."""
+    """The shape that broadcasts a per-output-feature vector over a weight: ``lead + [1]*len(in) + out``.
+
+    >>> dora_factor_shape((3, 4, 5), (3, 4, 2), (3, 2, 5))
+    (3, 1, 5)
+    """
     lead, in_shape, out_shape = split_shape(w_shape, a_shape, b_shape)
     return lead + (1,) * len(in_shape) + out_shape
 
@@ -198,3 +221,104 @@ def dora_merge_weight(w, a, b, m, scale: float):
     v = w.astype(jnp.float32) + delta(a, b, scale, w.shape)
     factor = m.astype(jnp.float32) / dora_norm(w, a, b, scale, impl="plain")
     return (v * factor.reshape(dora_factor_shape(w.shape, a.shape, b.shape))).astype(w.dtype)
+
+
+# ---- folding an adapter into (or out of) one weight: every merge and unmerge comes here
+
+def is_quantized(weight) -> bool:
+    """Whether a base weight is stored quantized (an object with ``dequantize()``, see :mod:`lora_jax.quant`).
+
+    >>> is_quantized(jnp.ones(2))
+    False
+    """
+    return callable(getattr(weight, "dequantize", None))
+
+
+def float_value(weight):
+    """A base weight's float value: dequantized if it is stored quantized, else itself.
+
+    >>> float_value(jnp.ones(2))
+    Array([1., 1.], dtype=float32)
+    """
+    return weight.dequantize() if is_quantized(weight) else weight
+
+
+class Folded(NamedTuple):
+    """One weight with its adapter folded in or out (:func:`fold`).
+
+    ``weight`` is stored as the input weight was (its dtype; re-quantized if it
+    was quantized); ``exact`` is the float32 value before it was stored.
+    """
+
+    weight: Any
+    exact: Any
+
+    def rounding(self) -> dict:
+        """What storing cost: ``{"method", "max_abs_error", "max_abs_weight", "rel_error"}``.
+
+        ``method`` is the quantization method (``None`` for a float weight),
+        ``max_abs_error`` is ``max |stored - exact|``, ``rel_error`` divides it by ``max |exact|``.
+
+        >>> node = {"a": jnp.ones((2, 1)), "b": jnp.ones((1, 2))}
+        >>> report = fold(jnp.ones((2, 2), jnp.bfloat16), node, 1e-3).rounding()
+        >>> report["method"], round(report["max_abs_error"], 6)      # 1.001 rounds to 1 in bfloat16
+        (None, 0.001)
+        """
+        stored = float_value(self.weight).astype(jnp.float32)
+        err = float(jnp.max(jnp.abs(stored - self.exact)))
+        top = float(jnp.max(jnp.abs(self.exact)))
+        method = self.weight.method if is_quantized(self.weight) else None
+        return {"method": method, "max_abs_error": err, "max_abs_weight": top, "rel_error": err / top if top else 0.0}
+
+
+def _check_fold(w, node: Mapping, name: str, unmerge: bool, requantize: bool):
+    if is_quantized(w) and not requantize:
+        raise ValueError(f"layer {name!r}: the base weight is stored quantized; {'unmerge' if unmerge else 'merge'} "
+                         f"into it must re-quantize, which rounds. Use lora_jax.quant.merge_quantized, which "
+                         f"reports that rounding error")
+    if unmerge and "m" in node:
+        raise ValueError(
+            f"layer {name!r}: a DoRA merge cannot be undone from the merged weight alone (it keeps only "
+            f"the direction of W + s*A@B and the magnitude m, not the norm it divided by). Keep the "
+            f"base params, which merge never modifies, instead of unmerging")
+
+
+def _folded(w32, node: Mapping, scale: float, unmerge: bool, out_in: bool):
+    """``W +- scale * A @ B`` (DoRA: ``m * V / ||V||``) in float32, laid out as ``w32``."""
+    swap = (lambda v: jnp.swapaxes(v, -1, -2)) if out_in else (lambda v: v)
+    if "m" in node:
+        return swap(dora_merge_weight(swap(w32), node["a"], node["b"], node["m"], scale))
+    shape = w32.shape[:-2] + w32.shape[:-3:-1] if out_in else w32.shape
+    d = swap(delta(node["a"], node["b"], scale, shape))
+    return w32 - d if unmerge else w32 + d
+
+
+def fold(w, node: Mapping, scale: float, *, unmerge: bool = False, out_in: bool = False,
+         requantize: bool = False, name: str = "") -> Folded:
+    """Folds one adapter into its weight, ``W + scale * A @ B`` (or out of it, ``unmerge=True``).
+
+    The sum is formed in float32 and stored as ``w`` was: cast back to its
+    dtype, or re-quantized with its own settings when it is stored quantized
+    and ``requantize`` (else that raises: re-quantizing rounds). A DoRA node
+    (with ``"m"``) merges to ``m * V / ||V||`` with ``V = W + scale * A @ B``;
+    its unmerge raises (the norm it divided by is gone).
+
+    Args:
+      w: the weight, ``lead + in_shape + out_shape`` (``out_in``: its last two axes swapped).
+      node: the adapter, ``{"a", "b"}`` (and DoRA's ``"m"``).
+      scale: the adapter's scaling.
+      name: the layer's name, for messages.
+
+    >>> node = {"a": jnp.ones((2, 1)), "b": jnp.array([[1.0, 2.0, 3.0]])}
+    >>> fold(jnp.zeros((2, 3)), node, 1.0).weight[0], fold(jnp.zeros((3, 2)), node, 1.0, out_in=True).weight[:, 0]
+    (Array([1., 2., 3.], dtype=float32), Array([1., 2., 3.], dtype=float32))
+    """
+    _check_fold(w, node, name, unmerge, requantize)
+    try:
+        exact = _folded(float_value(w).astype(jnp.float32), node, scale, unmerge, out_in)
+    except ValueError as err:
+        if not name:
+            raise
+        raise ValueError(f"layer {name!r}: {err}") from None
+    stored = w.requantize(exact) if is_quantized(w) else exact.astype(w.dtype)
+    return Folded(stored, exact)

@@ -32,18 +32,20 @@ The LoRA tree is a nested dict keyed by those names.
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax import core
-from lora_jax.config import LoraConfig
-from lora_jax.targets import HEAD_NAMES, Layer, select
-from lora_jax.tree import adapters, check_dora, set_path
+from lora_jax import core, deprecation
+from lora_jax.config import Adapter, LoraConfig
+from lora_jax.kinds import WEIGHT_NAMES, init_adapter, is_head, layer_name
+from lora_jax.targets import Layer, select
+from lora_jax.tree import adapter_nodes, layer_scale, set_path
 
-GENERIC_WEIGHT_NAMES = frozenset({"kernel", "weight", "w", "embedding"})
+# The Flax layers' weight names (the kind table's, lora_jax.tree.WEIGHT_NAMES), and what other libraries call a
+# layer's matrix in a plain params pytree: ``weight`` (PyTorch, equinox), ``w`` (haiku).
+GENERIC_WEIGHT_NAMES = frozenset(WEIGHT_NAMES) | {"weight", "w"}
 LAYOUTS = ("in_out", "out_in")
 Layout = Union[str, Callable[[str, Any], str]]
 
@@ -86,7 +88,7 @@ def find_weights(params, *, layout: Layout = "in_out") -> list[Layer]:
         if not _is_weight(leaf):
             continue
         path, weight = _layer_path(key_path)
-        name = "/".join(path)
+        name = layer_name(path)
         if name in seen:
             raise ValueError(f"two weight leaves map to the layer name {name!r} ({seen[name]!r} and "
                              f"{weight!r}); rename one or target them by their full path")
@@ -98,54 +100,48 @@ def find_weights(params, *, layout: Layout = "in_out") -> list[Layer]:
         embed = weight.lower() == "embedding" or any("embed" in p.lower() for p in path)
         layers.append(Layer(path=path, kind="embed" if embed else "dense", lead=lead, in_shape=(n_in,),
                             out_shape=(n_out,), weight=weight, context=tuple(p.lower() for p in path[:-1]),
-                            is_head=bool(path) and path[-1].lower() in HEAD_NAMES))
+                            is_head=is_head("embed" if embed else "dense", path)))
     return layers
 
 
-def init_lora_fn(config: LoraConfig, params, *, rng, layout: Layout = "in_out", dtype=jnp.float32) -> dict:
-    """Creates the LoRA tree for the weight leaves of ``params`` that ``config`` targets.
+def init_lora_fn(base_params, config: LoraConfig, *, rng, layout: Layout = "in_out", dtype=jnp.float32) -> dict:
+    """Creates the LoRA tree for the weight leaves of ``base_params`` that ``config`` targets.
 
     Same initialisation as the linen front end (PEFT's: A kaiming-uniform and
     B zero; for embeddings A zero and B normal), keyed per layer by
     ``fold_in(rng, crc32(name))``.
 
     >>> params = {"up": {"w": jnp.ones((4, 6))}, "down": {"w": jnp.ones((6, 4))}}
-    >>> lora = init_lora_fn(LoraConfig(rank=2, targets="up"), params, rng=jax.random.key(0))
+    >>> lora = init_lora_fn(params, LoraConfig(rank=2, targets="up"), rng=jax.random.key(0))
     >>> jax.tree.map(jnp.shape, lora)
     {'up': {'a': (4, 2), 'b': (2, 6)}}
+
+    The order of 0.1, ``init_lora_fn(params, config, ...)``, still works until 0.3 and warns.
     """
+    if isinstance(base_params, LoraConfig):
+        deprecation.warn("init_lora_fn(params, config, ...)", "init_lora_fn(base_params, config, ...)")
+        base_params, config = config, base_params
     config.require_plain("init_lora_fn")
     lora: dict = {}
-    for layer in select(config, find_weights(params, layout=layout)):
-        key = jax.random.fold_in(rng, zlib.crc32(layer.name.encode()))
-        a, b = core.init_factors(key, config.init, layer.kind, layer.lead, layer.in_shape, layer.out_shape,
-                                 config.rank_for(layer.name), dtype)
-        lora = set_path(lora, layer.path, {"a": a, "b": b})
+    for layer in select(config, find_weights(base_params, layout=layout)):
+        lora = set_path(lora, layer.path, init_adapter(rng, layer, config, dtype=dtype))
     return lora
 
 
-def _fold(params, lora, config: LoraConfig, layout: Layout, sign: float):
+def _fold(params, lora_params, config, layout: Layout, unmerge: bool = False):
+    lora_params, config = Adapter.unpack(lora_params, config, where="unmerge_fn" if unmerge else "merge_fn")
     config.require_plain("lora_jax.functional")
-    nodes = {"/".join(path): node for path, node in adapters(lora).items()}
+    nodes = {layer_name(path): node for path, node in adapter_nodes(lora_params).items()}
     used = set()
 
     def leaf_fn(key_path, leaf):
-        path, _ = _layer_path(key_path)
-        name = "/".join(path)
+        name = layer_name(_layer_path(key_path)[0])
         if name not in nodes or not _is_weight(leaf):
             return leaf
         used.add(name)
-        check_dora(name, nodes[name], config)
-        a, b = nodes[name]["a"], nodes[name]["b"]
+        scale = layer_scale(name, nodes[name], config)
         out_in = _layout_of(layout, name, leaf) == "out_in"
-        shape = tuple(leaf.shape)
-        in_out_shape = shape[:-2] + (shape[-1], shape[-2]) if out_in else shape
-        try:
-            d = core.delta(a, b, sign * config.scaling(name, a.shape[-1]), in_out_shape)
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None
-        d = jnp.swapaxes(d, -1, -2) if out_in else d
-        return (leaf.astype(jnp.float32) + d).astype(leaf.dtype)
+        return core.fold(leaf, nodes[name], scale, unmerge=unmerge, out_in=out_in, name=name).weight
 
     out = jax.tree_util.tree_map_with_path(leaf_fn, params)
     unused = sorted(set(nodes) - used)
@@ -155,27 +151,35 @@ def _fold(params, lora, config: LoraConfig, layout: Layout, sign: float):
     return out
 
 
-def merge_fn(params, lora, config: LoraConfig, *, layout: Layout = "in_out"):
-    """``params`` with ``W + scale * A @ B`` at every adapted leaf (float32, cast back); same tree type.
+def merge_fn(base_params, lora_params, config: LoraConfig | None = None, *, layout: Layout = "in_out"):
+    """``base_params`` with ``W + scale * A @ B`` at every adapted leaf (float32, cast back); same tree type.
+
+    ``lora_params`` may be an :class:`~lora_jax.config.Adapter` value, with ``config`` omitted.
 
     >>> params = {"up": {"w": jnp.zeros((2, 3))}}
     >>> lora = {"up": {"a": jnp.ones((2, 1)), "b": jnp.ones((1, 3))}}
     >>> merge_fn(params, lora, LoraConfig(rank=1, alpha=2))["up"]["w"][0]
     Array([2., 2., 2.], dtype=float32)
     """
-    return _fold(params, lora, config, layout, 1.0)
+    return _fold(base_params, lora_params, config, layout)
 
 
-def unmerge_fn(params, lora, config: LoraConfig, *, layout: Layout = "in_out"):
-    """Inverse of :func:`merge_fn`: ``W - scale * A @ B`` at every adapted leaf."""
-    return _fold(params, lora, config, layout, -1.0)
+def unmerge_fn(merged_params, lora_params, config: LoraConfig | None = None, *, layout: Layout = "in_out"):
+    """Inverse of :func:`merge_fn`: ``W - scale * A @ B`` at every adapted leaf.
+
+    >>> params = {"up": {"weight": jnp.zeros((3, 2))}}                  # PyTorch layout: [out, in]
+    >>> lora = {"up": {"a": jnp.ones((2, 1)), "b": jnp.ones((1, 3))}}
+    >>> unmerge_fn(params, lora, LoraConfig(rank=1, alpha=2), layout="out_in")["up"]["weight"][:, 0]
+    Array([-2., -2., -2.], dtype=float32)
+    """
+    return _fold(merged_params, lora_params, config, layout, unmerge=True)
 
 
 def lora_apply_fn(fn: Callable[..., Any], config: LoraConfig, *, layout: Layout = "in_out") -> Callable[..., Any]:
-    """Makes ``apply(params, lora, *args, **kwargs) == fn(merge_fn(params, lora), *args, **kwargs)``.
+    """Makes ``apply(base_params, lora_params, *args, **kwargs) == fn(merge_fn(base_params, lora_params, config), *args, **kwargs)``.
 
-    ``lora=None`` calls ``fn`` on ``params`` unchanged. The result composes
-    with ``jax.jit``, ``jax.grad`` (differentiate ``lora``; ``params`` get no
+    ``lora_params=None`` calls ``fn`` on ``base_params`` unchanged. The result composes
+    with ``jax.jit``, ``jax.grad`` (differentiate ``lora_params``; ``base_params`` get no
     gradient unless you ask for one) and ``jax.vmap``. Cost: each adapted
     layer's delta is formed densely inside the function, and its gradient is
     weight-shaped before it reaches ``A`` and ``B``: memory and time like a
@@ -186,7 +190,7 @@ def lora_apply_fn(fn: Callable[..., Any], config: LoraConfig, *, layout: Layout 
     ...     return jnp.tanh(x @ p["up"]["w"]) @ p["down"]["w"]
     >>> params = {"up": {"w": jnp.ones((4, 6)) / 4}, "down": {"w": jnp.ones((6, 2)) / 6}}
     >>> cfg = LoraConfig(rank=2, targets="re:.*")
-    >>> lora = init_lora_fn(cfg, params, rng=jax.random.key(0))
+    >>> lora = init_lora_fn(params, cfg, rng=jax.random.key(0))
     >>> apply = lora_apply_fn(mlp, cfg)
     >>> x = jnp.ones((3, 4))
     >>> bool(jnp.array_equal(apply(params, lora, x), mlp(params, x)))   # B = 0 at init
@@ -194,9 +198,9 @@ def lora_apply_fn(fn: Callable[..., Any], config: LoraConfig, *, layout: Layout 
     """
     config.require_plain("lora_apply_fn")
 
-    def apply(params, lora, *args, **kwargs):
-        if lora is None:
-            return fn(params, *args, **kwargs)
-        return fn(_fold(params, lora, config, layout, 1.0), *args, **kwargs)
+    def apply(base_params, lora_params, *args, **kwargs):
+        if lora_params is None:
+            return fn(base_params, *args, **kwargs)
+        return fn(_fold(base_params, lora_params, config, layout), *args, **kwargs)
 
     return apply

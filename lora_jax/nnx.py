@@ -34,8 +34,8 @@ with the shape its layer attributes describe, are the stacking axes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
-import zlib
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -43,11 +43,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import core, terms
+from lora_jax import core, deprecation, kinds
 from lora_jax.config import LoraConfig
-from lora_jax.targets import HEAD_NAMES, LINEAR_KINDS, Layer, select
-
-DROPOUT_RNG = "lora_dropout"
+from lora_jax.kinds import DROPOUT_RNG, layer_name
+from lora_jax.targets import Layer, select
 
 
 class LoraParam(nnx.Variable):
@@ -58,127 +57,42 @@ class LoraParam(nnx.Variable):
     """
 
 
-# ---- per-kind handlers: shapes(layer, args, kwargs) -> (in_shape, out_shape); term(call) -> array
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """What a kind handler needs to compute one adapter term."""
-
-    layer: Any
-    args: tuple
-    kwargs: dict
-    a: jax.Array
-    b: jax.Array
-    scale: float
-    impl: str
-    drop: Callable
-
-    def x(self, name="inputs"):
-        return self.args[0] if self.args else self.kwargs[name]
-
-    def promote(self, *arrays, **kwargs):
-        return self.layer.promote_dtype(arrays, dtype=self.layer.dtype, **kwargs)
-
-    def lowrank(self, x, a, b):
-        return core.lowrank(x, a, b, self.scale, impl=self.impl, precision=getattr(self.layer, "precision", None))
-
-
-def _linear_shapes(layer, args=(), kwargs=None):
-    return (layer.in_features,), (layer.out_features,)
-
-
-def _linear_term(c: _Call):
-    return c.lowrank(*c.promote(c.drop(c.x()), c.a, c.b))
-
-
-def _general_shapes(layer, args=(), kwargs=None):
-    if layer.batch_axis:
-        raise NotImplementedError(f"LinearGeneral with batch_axis={dict(layer.batch_axis)!r} is not supported")
-    return tuple(layer.in_features), tuple(layer.out_features)
-
-
-def _general_term(c: _Call):
-    return terms.dense_general(c.drop(c.x()), c.a, c.b, c.layer.axis, c.lowrank, c.promote)
-
-
-def _einsum_spec(layer, args=(), kwargs=None):
-    spec = (kwargs or {}).get("einsum_str", args[1] if len(args) > 1 else None) or layer.einsum_str
-    if spec is None:
-        raise NotImplementedError("Einsum without an einsum_str is not supported")
-    return terms.parse_einsum(spec)
-
-
-def _einsum_shapes(layer, args=(), kwargs=None):
-    return terms.einsum_shapes(*_einsum_spec(layer, args, kwargs), layer.kernel_shape)
-
-
-def _einsum_term(c: _Call):
-    x, a, b = c.promote(c.drop(c.x()), c.a, c.b)
-    return terms.einsum(*_einsum_spec(c.layer, c.args, c.kwargs), x, a, b, c.lowrank, c.scale)
-
-
-def _conv_shapes(layer, args=(), kwargs=None):
-    if layer.feature_group_count != 1:
-        raise NotImplementedError(f"Conv with feature_group_count={layer.feature_group_count} is not supported")
-    if layer.mask is not None:
-        raise NotImplementedError("Conv with a kernel mask is not supported")
-    return tuple(layer.kernel_shape[:-1]), tuple(layer.kernel_shape[-1:])
-
-
-def _conv_term(c: _Call):
-    x, a, b = c.promote(c.drop(c.x()), c.a, c.b)
-    # A is a convolution with the layer's own geometry (strides, padding, dilation)
-    # and r output channels; B a 1x1 projection. nnx.Conv.__call__ only reads
-    # attributes, so it runs on a stand-in carrying A as its kernel: the padding
-    # modes (CAUSAL, CIRCULAR ...) stay nnx's own code.
-    stand_in = types.SimpleNamespace(**{**vars(c.layer), "kernel": a, "bias": None, "use_bias": False,
-                                        "out_features": a.shape[-1], "kernel_shape": a.shape})
-    h = nnx.Conv.__call__(stand_in, x)
-    return jnp.matmul(h * c.scale, b, precision=c.layer.precision)
-
-
-def _embed_shapes(layer, args=(), kwargs=None):
-    return (layer.num_embeddings,), (layer.features,)
-
-
-def _embed_lookup_term(c: _Call):
-    a, b = c.promote(c.a, c.b)
-    return jnp.matmul(jnp.take(a, c.x(), axis=0) * c.scale, b)
-
-
-def _embed_attend_term(c: _Call):
-    # query @ (scale * A @ B).T == scale * (query @ B.T) @ A.T
-    q, a, b = c.promote(c.x("query"), c.a, c.b)
-    return c.lowrank(q, b.T, a.T)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kind:
-    name: str
-    weight: str
-    shapes: Callable
-    terms: dict
-    dropout: bool = True  # PEFT applies no dropout to embedding adapters
-
-
-# The first class in a layer's MRO that is listed decides its kind.
-KINDS: dict[type, _Kind] = {
-    nnx.Linear: _Kind("dense", "kernel", _linear_shapes, {"__call__": _linear_term}),
-    nnx.LinearGeneral: _Kind("dense_general", "kernel", _general_shapes, {"__call__": _general_term}),
-    nnx.Einsum: _Kind("einsum", "kernel", _einsum_shapes, {"__call__": _einsum_term}),
-    nnx.Conv: _Kind("conv", "kernel", _conv_shapes, {"__call__": _conv_term}),
-    nnx.Embed: _Kind("embed", "embedding", _embed_shapes,
-                     {"__call__": _embed_lookup_term, "attend": _embed_attend_term}, dropout=False),
+# The first class in a layer's MRO that is listed decides its kind (lora_jax.kinds).
+KINDS = kinds.table(dense=nnx.Linear, dense_general=nnx.LinearGeneral, einsum=nnx.Einsum, conv=nnx.Conv,
+                    embed=nnx.Embed)
+# One layer's weight shape, read off its attributes (a stacked weight has more axes in front); else kernel_shape.
+_LAYER_SHAPE = {
+    "dense": lambda layer: (layer.in_features, layer.out_features),
+    "dense_general": lambda layer: (*layer.in_features, *layer.out_features),
+    "embed": lambda layer: (layer.num_embeddings, layer.features),
 }
 
 
-def _kind_of_cls(cls: type) -> _Kind | None:
-    return next((KINDS[c] for c in cls.__mro__ if c in KINDS), None)
+def _kind_of(layer) -> kinds.Kind | None:
+    return kinds.kind_of(KINDS, type(layer))
 
 
-def _kind_of(layer) -> _Kind | None:
-    return _kind_of_cls(type(layer))
+def _conv(layer, x, kernel):
+    """The layer's own convolution with ``kernel``, without bias.
+
+    ``nnx.Conv.__call__`` only reads attributes, so it runs on a stand-in
+    carrying ``kernel``: the padding modes (CAUSAL, CIRCULAR ...) stay nnx's own code.
+    """
+    stand_in = types.SimpleNamespace(**{**vars(layer), "kernel": kernel, "bias": None, "use_bias": False,
+                                        "out_features": kernel.shape[-1], "kernel_shape": kernel.shape})
+    return nnx.Conv.__call__(stand_in, x)
+
+
+def _view(layer, kind: kinds.Kind) -> kinds.View:
+    """What the kinds read off an nnx layer."""
+    batch = getattr(layer, "batch_axis", None)
+    return kinds.View(
+        weight_shape=tuple(_LAYER_SHAPE.get(kind.name, lambda l: l.kernel_shape)(layer)),
+        axis=getattr(layer, "axis", -1), batch=f"LinearGeneral with batch_axis={dict(batch)!r}" if batch else "",
+        einsum=getattr(layer, "einsum_str", None), groups=getattr(layer, "feature_group_count", 1),
+        masked=getattr(layer, "mask", None) is not None,
+        promote=lambda *arrays: layer.promote_dtype(arrays, dtype=layer.dtype),
+        precision=getattr(layer, "precision", None), conv=functools.partial(_conv, layer))
 
 
 # ---- adapted layer classes
@@ -186,15 +100,12 @@ def _kind_of(layer) -> _Kind | None:
 
 def _adapter_term(layer, method: str, args, kwargs):
     kind = _kind_of(layer)
-    a, b = layer.a[...], layer.b[...]
-    in_shape, out_shape = kind.shapes(layer, args, kwargs)
-    r = a.shape[-1]
-    if tuple(a.shape) != (*in_shape, r) or tuple(b.shape) != (r, *out_shape):
-        raise ValueError(f"layer {layer.lora_path!r}: adapter a{list(a.shape)}, b{list(b.shape)} does not fit "
-                         f"its {kind.weight} (expected a {list(in_shape) + [r]}, b {[r] + list(out_shape)}); "
-                         f"stacked adapters must be sliced by nnx.scan/nnx.vmap along with the weights")
+    a, b, view = layer.a[...], layer.b[...], _view(layer, kind)
+    kinds.check_fit(layer.lora_path, kind.weight, getattr(layer, kind.weight).shape, a, b,
+                    ((), *kind.shapes(view, args, kwargs)),
+                    " (stacked adapters must be sliced by nnx.scan/nnx.vmap along with the weights)")
     drop = getattr(layer, "lora_dropout", None) if kind.dropout else None
-    call = _Call(layer, args, kwargs, a, b, layer.lora_scale, layer.lora_impl, drop or (lambda x: x))
+    call = kinds.Call(view, args, kwargs, a, b, layer.lora_scale, layer.lora_impl, drop or (lambda x: x))
     return kind.terms[method](call)
 
 
@@ -219,7 +130,7 @@ def _adapted_class(cls: type) -> type:
     One class per layer class keeps graphdefs, and so ``nnx.jit`` caches, stable.
     """
     if cls not in _ADAPTED:
-        methods = {name: _adapted_method(getattr(cls, name), name) for name in _kind_of_cls(cls).terms}
+        methods = {name: _adapted_method(getattr(cls, name), name) for name in kinds.kind_of(KINDS, cls).terms}
         _ADAPTED[cls] = type(f"Lora{cls.__name__}", (cls,),
                              {**methods, "__module__": __name__, "lora_base_class": cls})
     return _ADAPTED[cls]
@@ -232,33 +143,14 @@ def _is_adapted(layer) -> bool:
 # ---- discovery
 
 
-def _name(path) -> str:
-    return "/".join(map(str, path))
-
-
-def _record(path, layer, kind: _Kind, modules: dict) -> Layer:
-    names = tuple(map(str, path))
+def _record(path, layer, kind: kinds.Kind, modules: dict) -> Layer:
     # Like linen: the names of the enclosing modules and the class names of every ancestor.
-    context = tuple(n.lower() for n in names[:-1]) + tuple(
+    context = tuple(str(n).lower() for n in path[:-1]) + tuple(
         type(modules[path[:i]]).__name__.lower() for i in range(len(path)) if path[:i] in modules)
-    w_shape = tuple(getattr(layer, kind.weight).shape)
-    unsupported, lead = "", ()
-    try:
-        in_shape, out_shape = kind.shapes(layer)
-    except NotImplementedError as err:
-        unsupported, in_shape, out_shape = str(err), w_shape, ()
-    per_layer = tuple(in_shape) + tuple(out_shape)
-    n_lead = len(w_shape) - len(per_layer)
-    if not unsupported:
-        if n_lead < 0 or w_shape[n_lead:] != per_layer:
-            unsupported = f"its {kind.weight} {list(w_shape)} does not end with the layer's shape {list(per_layer)}"
-        lead = w_shape[:max(n_lead, 0)]
+    record = kinds.describe(kind, _view(layer, kind), path, getattr(layer, kind.weight).shape, context=context)
     if _is_adapted(layer):
-        unsupported = "it already has an adapter (merge it first)"
-    head = kind.name in LINEAR_KINDS and bool(names) and names[-1].lower() in HEAD_NAMES
-    return Layer(path=names, kind=kind.name, lead=tuple(lead), in_shape=tuple(in_shape),
-                 out_shape=tuple(out_shape), weight=kind.weight, context=context, is_head=head,
-                 unsupported=unsupported)
+        return dataclasses.replace(record, unsupported="it already has an adapter (merge it first)")
+    return record
 
 
 def _find(model) -> list[tuple[Layer, Any]]:
@@ -307,23 +199,27 @@ def _adapt(model, config: LoraConfig, factors: Callable, *, dropout_rngs=None, i
     found = _find(model)
     chosen = {layer.path for layer in select(config, [layer for layer, _ in found])}
     for record, layer in found:
-        if record.path not in chosen:
-            continue
-        clash = sorted(set(_ATTRS) & set(vars(layer)))
-        if clash:
-            raise ValueError(f"layer {record.name!r} already has attributes {clash}, which the adapter needs")
-        a, b = factors(record)
-        layer.a, layer.b = LoraParam(a), LoraParam(b)
-        layer.lora_scale = config.scaling(record.name, a.shape[-1])
-        layer.lora_impl, layer.lora_path = impl, record.name
-        if config.dropout > 0 and dropout_rngs is not None and _kind_of(layer).dropout:
-            if record.lead:
-                raise NotImplementedError(f"layer {record.name!r}: adapter dropout on stacked layers "
-                                          f"(nnx.vmap/nnx.scan) is not supported")
-            layer.lora_dropout = nnx.Dropout(config.dropout, rng_collection=DROPOUT_RNG, rngs=dropout_rngs)
-        # Bypasses nnx's __setattr__, which would record "__class__" as a graph attribute.
-        object.__setattr__(layer, "__class__", _adapted_class(type(layer)))
+        if record.path in chosen:
+            _attach_one(layer, record, config, factors, impl, dropout_rngs)
     return model
+
+
+def _attach_one(layer, record: Layer, config: LoraConfig, factors: Callable, impl, dropout_rngs):
+    """Turns ``layer`` into its adapted class, holding ``(a, b) = factors(record)``."""
+    clash = sorted(set(_ATTRS) & set(vars(layer)))
+    if clash:
+        raise ValueError(f"layer {record.name!r} already has attributes {clash}, which the adapter needs")
+    a, b = factors(record)
+    layer.a, layer.b = LoraParam(a), LoraParam(b)
+    layer.lora_scale = config.scaling(record.name, a.shape[-1])
+    layer.lora_impl, layer.lora_path = impl, record.name
+    if config.dropout > 0 and dropout_rngs is not None and _kind_of(layer).dropout:
+        if record.lead:
+            raise NotImplementedError(f"layer {record.name!r}: adapter dropout on stacked layers "
+                                      f"(nnx.vmap/nnx.scan) is not supported")
+        layer.lora_dropout = nnx.Dropout(config.dropout, rng_collection=DROPOUT_RNG, rngs=dropout_rngs)
+    # Bypasses nnx's __setattr__, which would record "__class__" as a graph attribute.
+    object.__setattr__(layer, "__class__", _adapted_class(type(layer)))
 
 
 def attach(model: nnx.Module, config: LoraConfig, *, rngs, dtype=jnp.float32,
@@ -364,15 +260,21 @@ def attach(model: nnx.Module, config: LoraConfig, *, rngs, dtype=jnp.float32,
     key, stream = _keys(rngs)
 
     def fresh(record):
-        layer_key = jax.random.fold_in(key, zlib.crc32(record.name.encode()))
-        return core.init_factors(layer_key, config.init, record.kind, record.lead, record.in_shape,
-                                 record.out_shape, config.rank_for(record.name), dtype)
+        node = kinds.init_adapter(key, record, config, dtype=dtype)
+        return node["a"], node["b"]
 
     return _adapt(model, config, fresh, dropout_rngs=stream, impl=impl)
 
 
-def _adapted_layers(model):
-    return [(_name(path), layer) for path, layer in nnx.iter_modules(model) if _is_adapted(layer)]
+def _adapted_layers(model) -> list:
+    return [layer for _, layer in nnx.iter_modules(model) if _is_adapted(layer)]
+
+
+def _fold(layer, *, unmerge: bool = False):
+    """Folds the layer's adapter into its weight (or out of it), in place."""
+    w = getattr(layer, _kind_of(layer).weight)
+    node = {"a": layer.a[...], "b": layer.b[...]}
+    w.set_value(core.fold(w[...], node, layer.lora_scale, unmerge=unmerge, name=layer.lora_path).weight)
 
 
 def merge(model: nnx.Module) -> nnx.Module:
@@ -393,9 +295,8 @@ def merge(model: nnx.Module) -> nnx.Module:
     True
     """
     model = nnx.clone(model)
-    for _, layer in _adapted_layers(model):
-        w = getattr(layer, _kind_of(layer).weight)
-        w.set_value(core.merge_weight(w[...], layer.a[...], layer.b[...], layer.lora_scale))
+    for layer in _adapted_layers(model):
+        _fold(layer)
         for name in _ATTRS:
             if name in vars(layer):
                 delattr(layer, name)
@@ -410,18 +311,20 @@ def _flat(tree, prefix=()) -> dict[str, Any]:
         if isinstance(value, Mapping):
             out.update(_flat(value, prefix + (key,)))
         else:
-            out[_name(prefix + (key,))] = value[...] if isinstance(value, nnx.Variable) else value
+            out[layer_name(prefix + (key,))] = value[...] if isinstance(value, nnx.Variable) else value
     return out
 
 
-def unmerge(model: nnx.Module, adapters, config: LoraConfig, *, impl: core.Impl = "fast") -> nnx.Module:
-    """The inverse of :func:`merge`: re-attaches ``adapters`` to a merged model, ``W - scale * A @ B``.
+def unmerge(model: nnx.Module, lora_params=None, config: LoraConfig | None = None, *, impl: core.Impl = "fast",
+            adapters=None) -> nnx.Module:
+    """The inverse of :func:`merge`: re-attaches ``lora_params`` to a merged model, ``W - scale * A @ B``.
 
     Args:
       model: a plain (merged) model.
-      adapters: the adapters as ``nnx.state(adapted, LoraParam)``, or its pure dict.
+      lora_params: the adapters as ``nnx.state(adapted, LoraParam)``, or its pure dict.
       config: the config they were attached with; it must target exactly the
-        layers ``adapters`` holds.
+        layers ``lora_params`` holds.
+      adapters: the 0.1 name of ``lora_params`` (warns; removed in 0.3).
 
     Returns:
       An adapted copy of ``model``. Exact up to one rounding of ``W + delta``
@@ -436,26 +339,26 @@ def unmerge(model: nnx.Module, adapters, config: LoraConfig, *, impl: core.Impl 
     >>> bool(jnp.allclose(back.kernel[...], model.kernel[...], atol=1e-6))
     True
     """
-    flat = _flat(adapters)
+    if adapters is not None:
+        deprecation.warn("lora_jax.nnx.unmerge(adapters=...)", "lora_jax.nnx.unmerge(model, lora_params, config)")
+        lora_params = adapters
+    if lora_params is None or config is None:
+        raise TypeError("lora_jax.nnx.unmerge needs the model, its lora_params and their config")
+    flat = _flat(lora_params)
 
     def given(record):
-        keys = tuple(_name(record.path + (leaf,)) for leaf in ("a", "b"))
+        keys = tuple(layer_name(record.path + (leaf,)) for leaf in ("a", "b"))
         if any(k not in flat for k in keys):
-            raise ValueError(f"layer {record.name!r} is targeted by config but adapters has no "
+            raise ValueError(f"layer {record.name!r} is targeted by config but lora_params has no "
                              f"{' / '.join(k for k in keys if k not in flat)}")
         a, b = (jnp.asarray(flat.pop(k)) for k in keys)
-        r = a.shape[-1]
-        lead = tuple(record.lead)
-        if a.shape != (*lead, *record.in_shape, r) or b.shape != (*lead, r, *record.out_shape):
-            raise ValueError(f"layer {record.name!r}: adapter a{list(a.shape)}, b{list(b.shape)} does not fit "
-                             f"its {record.weight} (expected a {list(lead + record.in_shape) + [r]}, "
-                             f"b {list(lead) + [r] + list(record.out_shape)})")
+        split = (record.lead, record.in_shape, record.out_shape)
+        kinds.check_fit(record.name, record.weight, sum(split, ()), a, b, split)
         return a, b
 
     model = _adapt(model, config, given, impl=impl)
     if flat:
-        raise ValueError(f"adapters at paths that config does not target: {sorted(flat)}")
-    for _, layer in _adapted_layers(model):
-        w = getattr(layer, _kind_of(layer).weight)
-        w.set_value(core.unmerge_weight(w[...], layer.a[...], layer.b[...], layer.lora_scale))
+        raise ValueError(f"lora_params at paths that config does not target: {sorted(flat)}")
+    for layer in _adapted_layers(model):
+        _fold(layer, unmerge=True)
     return model

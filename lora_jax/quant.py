@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lora_jax import core
-from lora_jax.config import LoraConfig, compile_pattern
-from lora_jax.tree import adapted_layers, check_dora, get_path, is_quantized, set_path
+from lora_jax.config import Adapter, LoraConfig, compile_pattern
+from lora_jax.core import is_quantized
+from lora_jax.kinds import QUANTIZED_KINDS, layer_name
+from lora_jax.linen import find_layers  # linen does not import quant: no cycle
+from lora_jax.tree import fold_layers, get_path, set_path
 
 __all__ = ["METHODS", "NF4_OFFSET", "Int8Weight", "MergeReport", "NF4Weight", "QuantizedAbsmax",
            "dequantize_tree", "is_quantized", "merge_quantized", "nbytes", "nf4_levels", "quantize",
@@ -50,7 +52,6 @@ METHODS = ("int8", "nf4")
 NF4_OFFSET = 0.9677083
 #: Block absmaxes per int8 scale under double quantization (as QLoRA).
 ABSMAX_GROUP = 256
-_QUANTIZABLE_KINDS = ("dense", "dense_general", "einsum", "conv")
 
 
 def nf4_levels(offset: float = NF4_OFFSET) -> np.ndarray:
@@ -342,7 +343,7 @@ def _choose(layers, targets, include_head: bool):
     """The layers to quantize: ``targets`` (patterns) or the default kinds; the head only with ``include_head``."""
     layers = [l for l in layers if include_head or not l.is_head]
     if targets is None:
-        return [l for l in layers if l.kind in _QUANTIZABLE_KINDS]
+        return [l for l in layers if l.kind in QUANTIZED_KINDS]
     chosen = set()
     for entry in (targets,) if isinstance(targets, str) else tuple(targets):
         pattern = compile_pattern(entry, field="targets")
@@ -385,8 +386,6 @@ def quantize_base(module, base_params, *args, method: str = "nf4", block_size: i
     ('Int8Weight', 'Int8Weight')
     """
     _check_options(method, block_size, double_quant, where="quantize_base")
-    from lora_jax.linen import find_layers  # linen must not import quant at module level
-
     layers = find_layers(module, base_params, *args, extra_variables=extra_variables, rngs=rngs, **kwargs)
     out = base_params
     for layer in _choose(layers, targets, include_head):
@@ -433,13 +432,7 @@ class MergeReport:
                 f"max_rel_error={self.max_rel_error:.4g})")
 
 
-def _rounding(stored, merged, method) -> dict:
-    err = float(jnp.max(jnp.abs(stored.astype(jnp.float32) - merged)))
-    top = float(jnp.max(jnp.abs(merged)))
-    return {"method": method, "max_abs_error": err, "max_abs_weight": top, "rel_error": err / top if top else 0.0}
-
-
-def merge_quantized(qbase, lora_params, config: LoraConfig):
+def merge_quantized(base_params, lora_params, config: LoraConfig | None = None):
     """Merges adapters into a quantized base: dequantize, add in float32, re-quantize, report the rounding.
 
     Each adapted weight becomes ``W + scale * A @ B`` (float32, from the
@@ -447,10 +440,11 @@ def merge_quantized(qbase, lora_params, config: LoraConfig):
     settings. The re-quantization rounds the merged weight; the returned
     :class:`MergeReport` says by how much, per layer and overall. The merged
     model differs from the adapted one by that rounding (merge into a float
-    base, ``merge(dequantize_tree(qbase), ...)``, to avoid it).
+    base, ``merge(dequantize_tree(base_params), ...)``, to avoid it). ``lora_params``
+    may be an :class:`~lora_jax.config.Adapter` value, with ``config`` omitted.
 
     Returns:
-      ``(new_qbase, report)``.
+      ``(new_base_params, report)``.
 
     DoRA adapters (``config.use_dora``) merge as :func:`lora_jax.merge` folds
     them, ``m * V / ||V||``, before the re-quantization. Raises ``ValueError``,
@@ -464,21 +458,9 @@ def merge_quantized(qbase, lora_params, config: LoraConfig):
     >>> round(report.max_abs_error, 4)
     0.0039
     """
-    out, rows = qbase, {}
-    for path, weight, base_node, node, _ in adapted_layers(qbase, lora_params):
-        name, w, a, b = "/".join(path), base_node[weight], node["a"], node["b"]
-        check_dora(name, node, config)
-        scale = config.scaling(name, a.shape[-1])
-        value = w.dequantize() if is_quantized(w) else w
-        if "m" in node:
-            merged = core.dora_merge_weight(value.astype(jnp.float32), a, b, node["m"], scale)
-        else:
-            merged = value.astype(jnp.float32) + core.delta(a, b, scale, w.shape)
-        if is_quantized(w):
-            new = w.requantize(merged)
-            rows[name] = _rounding(new.dequantize(), merged, w.method)
-        else:
-            new = merged.astype(w.dtype)
-            rows[name] = _rounding(new, merged, None)
-        out = set_path(out, path + (weight,), new)
+    lora_params, config = Adapter.unpack(lora_params, config, where="merge_quantized")
+    out, rows = base_params, {}
+    for where, folded in fold_layers(base_params, lora_params, config, requantize=True):
+        rows[layer_name(where[:-1])] = folded.rounding()
+        out = set_path(out, where, folded.weight)
     return out, MergeReport(rows)

@@ -8,27 +8,34 @@ never import a front end: they work on the trees alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
-from lora_jax import core
-from lora_jax.config import LoraConfig
-
-WEIGHT_NAMES = ("kernel", "embedding")
+from lora_jax import core, deprecation
+from lora_jax.config import Adapter, LoraConfig
+from lora_jax.core import is_quantized  # noqa: F401 - re-exported: lora_jax.tree.is_quantized
+from lora_jax.kinds import WEIGHT_NAMES  # noqa: F401 - re-exported: the Flax layers' weight leaf names
 
 
 def is_adapter_node(node) -> bool:
-    """Whether ``node`` is an adapter: a dict holding arrays ``"a"`` and ``"b"``."""
+    """Whether ``node`` is an adapter: a dict holding arrays ``"a"`` and ``"b"``.
+
+    >>> is_adapter_node({"a": 1, "b": 2}), is_adapter_node({"a": {"b": 1}, "b": 2})
+    (True, False)
+    """
     return (isinstance(node, Mapping) and "a" in node and "b" in node
             and not isinstance(node["a"], Mapping) and not isinstance(node["b"], Mapping))
 
 
-def adapters(lora_params) -> dict[tuple[str, ...], Mapping]:
+def adapter_nodes(lora_params) -> dict[tuple[str, ...], Mapping]:
     """``{path: {"a": ..., "b": ...}}`` for every adapter node, in tree order.
 
-    >>> adapters({"blk": {"q": {"a": 1, "b": 2}}})
+    (Called ``adapters`` before 0.2; the old name warns. An :class:`Adapter` is
+    a config and a whole tree; its nodes are what this returns.)
+
+    >>> adapter_nodes({"blk": {"q": {"a": 1, "b": 2}}})
     {('blk', 'q'): {'a': 1, 'b': 2}}
     """
     found = {}
@@ -45,12 +52,20 @@ def adapters(lora_params) -> dict[tuple[str, ...], Mapping]:
 
 
 def adapter_paths(lora_params) -> list[tuple[str, ...]]:
-    """The paths of all adapter nodes."""
-    return list(adapters(lora_params))
+    """The paths of all adapter nodes.
+
+    >>> adapter_paths({"blk": {"q": {"a": 1, "b": 2}, "k": {"a": 1, "b": 2}}})
+    [('blk', 'q'), ('blk', 'k')]
+    """
+    return list(adapter_nodes(lora_params))
 
 
 def get_path(tree, path):
-    """``tree[path[0]][path[1]]...``; raises ``KeyError`` naming the missing path."""
+    """``tree[path[0]][path[1]]...``; raises ``KeyError`` naming the missing path.
+
+    >>> get_path({"x": {"y": 1}}, ("x", "y"))
+    1
+    """
     node = tree
     for i, key in enumerate(path):
         if not isinstance(node, Mapping) or key not in node:
@@ -73,7 +88,11 @@ def set_path(tree, path, value) -> dict:
 
 
 def weight_name(base_node, path) -> str:
-    """The weight leaf (``"kernel"`` or ``"embedding"``) of the base layer at ``path``; raises if none."""
+    """The weight leaf (``"kernel"`` or ``"embedding"``) of the base layer at ``path``; raises if none.
+
+    >>> weight_name({"embedding": 0}, ("embed",))
+    'embedding'
+    """
     for name in WEIGHT_NAMES:
         if isinstance(base_node, Mapping) and name in base_node:
             return name
@@ -95,7 +114,7 @@ def adapted_layers(base_params, lora_params):
     >>> [(path, weight, split) for path, weight, _, _, split in adapted_layers(base, lora)]
     [(('q',), 'kernel', ((), (4,), (3,)))]
     """
-    for path, node in adapters(lora_params).items():
+    for path, node in adapter_nodes(lora_params).items():
         name = "/".join(path)
         try:
             base_node = get_path(base_params, path)
@@ -109,46 +128,61 @@ def adapted_layers(base_params, lora_params):
         yield path, weight, base_node, node, split
 
 
-def is_quantized(weight) -> bool:
-    """Whether a base weight is stored quantized (an object with ``dequantize()``, see :mod:`lora_jax.quant`)."""
-    return callable(getattr(weight, "dequantize", None))
-
-
 def check_dora(name: str, node, config: LoraConfig):
-    """Raises unless the adapter node has a DoRA magnitude ``"m"`` exactly when ``config.use_dora``."""
+    """Raises unless the adapter node has a DoRA magnitude ``"m"`` exactly when ``config.use_dora``.
+
+    >>> check_dora("q", {"a": 1, "b": 2}, LoraConfig(rank=1, use_dora=True))
+    Traceback (most recent call last):
+    ValueError: layer 'q': the adapter has no DoRA magnitude 'm', but LoraConfig.use_dora is True
+    """
     if ("m" in node) != config.use_dora:
         has = "has a DoRA magnitude 'm'" if "m" in node else "has no DoRA magnitude 'm'"
         raise ValueError(f"layer {name!r}: the adapter {has}, but LoraConfig.use_dora is {config.use_dora}")
 
 
-def _fold(base_params, lora_params, config: LoraConfig, fn: Callable, what: str) -> dict:
-    out = base_params
+def layer_scale(name: str, node, config: LoraConfig) -> float:
+    """The scale of the adapter node of layer ``name``, once its DoRA magnitude agrees with ``config``.
+
+    >>> layer_scale("q", {"a": np.ones((4, 2)), "b": np.ones((2, 3))}, LoraConfig(rank=2, alpha=4))
+    2.0
+    """
+    check_dora(name, node, config)
+    return config.scaling(name, np.shape(node["a"])[-1])
+
+
+def fold_layers(base_params, lora_params, config: LoraConfig, *, unmerge: bool = False,
+                requantize: bool = False) -> Iterator[tuple[tuple[str, ...], core.Folded]]:
+    """Yields ``(weight path, folded)`` per adapter, in tree order: :func:`lora_jax.core.fold` of each weight.
+
+    One layer's float32 sum exists at a time. ``requantize`` re-quantizes
+    weights stored quantized (else they raise); :func:`merge`, :func:`unmerge`
+    and :func:`lora_jax.quant.merge_quantized` write the results back.
+
+    >>> import jax.numpy as jnp
+    >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
+    >>> lora = {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}
+    >>> [(where, folded.weight[0]) for where, folded in fold_layers(base, lora, LoraConfig(rank=2))]
+    [(('q', 'kernel'), Array([8., 8., 8.], dtype=float32))]
+    """
     for path, weight, base_node, node, _ in adapted_layers(base_params, lora_params):
-        name, w, a = "/".join(path), base_node[weight], node["a"]
-        if is_quantized(w):
-            raise ValueError(f"layer {name!r}: the base weight is stored quantized; {what} into it must "
-                             f"re-quantize, which rounds. Use lora_jax.quant.merge_quantized, which reports "
-                             f"that rounding error")
-        check_dora(name, node, config)
-        scale = config.scaling(name, a.shape[-1])
-        if "m" in node:
-            if what != "merge":
-                raise ValueError(
-                    f"layer {name!r}: a DoRA merge cannot be undone from the merged weight alone (it keeps only "
-                    f"the direction of W + s*A@B and the magnitude m, not the norm it divided by). Keep the "
-                    f"base params, which merge never modifies, instead of unmerging")
-            new = core.dora_merge_weight(w, a, node["b"], node["m"], scale)
-        else:
-            new = fn(w, a, node["b"], scale)
-        out = set_path(out, path + (weight,), new)
-    return out
+        name = "/".join(path)
+        folded = core.fold(base_node[weight], node, layer_scale(name, node, config), unmerge=unmerge,
+                           requantize=requantize, name=name)
+        yield path + (weight,), folded
 
 
-def merge(base_params, lora_params, config: LoraConfig) -> dict:
+def _written(tree, folds) -> dict:
+    for where, folded in folds:
+        tree = set_path(tree, where, folded.weight)
+    return tree
+
+
+def merge(base_params, lora_params, config: LoraConfig | None = None) -> dict:
     """Folds every adapter into its weight: ``W + scale * A @ B`` (float32, cast back).
 
     The result is a plain params tree for the unmodified module. DoRA adapters
     (``config.use_dora``) fold to ``m * V / ||V||`` with ``V = W + scale * A @ B``.
+    ``lora_params`` may be an :class:`~lora_jax.config.Adapter` value, with ``config`` omitted.
 
     >>> import jax.numpy as jnp
     >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
@@ -156,15 +190,16 @@ def merge(base_params, lora_params, config: LoraConfig) -> dict:
     >>> merge(base, lora, LoraConfig(rank=2, alpha=4))["q"]["kernel"][0]
     Array([4., 4., 4.], dtype=float32)
     """
-    return _fold(base_params, lora_params, config, core.merge_weight, "merge")
+    lora_params, config = Adapter.unpack(lora_params, config, where="merge")
+    return _written(base_params, fold_layers(base_params, lora_params, config))
 
 
-def unmerge(merged_params, lora_params, config: LoraConfig) -> dict:
+def unmerge(merged_params, lora_params, config: LoraConfig | None = None) -> dict:
     """Inverse of :func:`merge`: ``W - scale * A @ B`` (float32, cast back).
 
     Exact up to one rounding of ``W + delta`` to the weight's dtype. DoRA
     merges cannot be undone from the merged tree (the norm they divided by is
-    gone); this raises for them.
+    gone); this raises for them. ``lora_params`` may be an adapter value, as in :func:`merge`.
 
     >>> import jax.numpy as jnp
     >>> base = {"q": {"kernel": jnp.zeros((4, 3))}}
@@ -173,7 +208,8 @@ def unmerge(merged_params, lora_params, config: LoraConfig) -> dict:
     >>> unmerge(merge(base, lora, cfg), lora, cfg)["q"]["kernel"][0]
     Array([0., 0., 0.], dtype=float32)
     """
-    return _fold(merged_params, lora_params, config, core.unmerge_weight, "unmerge")
+    lora_params, config = Adapter.unpack(lora_params, config, where="unmerge")
+    return _written(merged_params, fold_layers(merged_params, lora_params, config, unmerge=True))
 
 
 def count_params(tree: Any) -> int:
@@ -183,3 +219,6 @@ def count_params(tree: Any) -> int:
     17
     """
     return int(sum(np.prod(getattr(leaf, "shape", np.shape(leaf)), dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+__getattr__ = deprecation.module_getattr(__name__, {"adapters": (lambda: adapter_nodes, "lora_jax.tree.adapter_nodes")})

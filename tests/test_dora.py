@@ -66,7 +66,7 @@ def test_dense_general_with_tuple_features():
     x = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32),
                           jax.eval_shape(model.init, jax.random.key(0), x)["params"])
-    fresh = init_lora(CFG, model, params, x, rng=jax.random.key(1))
+    fresh = init_lora(model, params, CFG, x, rng=jax.random.key(1))
     assert fresh["m"].shape == (2, 4)
     lora = {k: jnp.asarray(rng.uniform(0.5, 2.0, size=v.shape) if k == "m" else 0.5 * rng.normal(size=v.shape),
                            jnp.float32) for k, v in fresh.items()}
@@ -82,7 +82,7 @@ def test_dense_general_with_tuple_features():
 
 def test_fresh_adapter_leaves_the_output_bitwise_unchanged():
     model, x, params, _, apply = _dense_case(seed=4)
-    fresh = init_lora(CFG, model, params, x, rng=jax.random.key(0))
+    fresh = init_lora(model, params, CFG, x, rng=jax.random.key(0))
     np.testing.assert_array_equal(fresh["m"], np.linalg.norm(np.asarray(params["kernel"]), axis=0).astype(np.float32))
     np.testing.assert_array_equal(apply(params, fresh, x), model.apply({"params": params}, x))
 
@@ -114,7 +114,7 @@ def test_scanned_llama_merge_equals_unmerged():
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape) + (s.ndim == 1), s.dtype), shapes)
     cfg = LoraConfig(rank=4, alpha=8.0, targets=("attention", "mlp"), use_dora=True)
-    fresh = init_lora(cfg, model, params, ids, rng=jax.random.key(1, impl="rbg"))
+    fresh = init_lora(model, params, cfg, ids, rng=jax.random.key(1, impl="rbg"))
     assert fresh["model"]["layers"]["self_attn"]["k_proj"]["m"].shape == (2, 16)   # stacked layers, [L, out]
     lora = jax.tree.map(lambda v: v * jnp.asarray(rng.uniform(0.5, 1.5, size=v.shape), v.dtype)
                         if v.ndim == 2 else jnp.asarray(0.2 * rng.normal(size=v.shape), v.dtype), fresh)
@@ -128,7 +128,7 @@ def test_scanned_llama_merge_equals_unmerged():
 
 def test_a_train_step_from_init_moves_b_and_the_magnitude():
     model, x, params, _, apply = _dense_case(seed=9)
-    fresh = init_lora(CFG, model, params, x, rng=jax.random.key(0))
+    fresh = init_lora(model, params, CFG, x, rng=jax.random.key(0))
     target = jnp.asarray(np.random.default_rng(10).normal(size=(2, 4, 5)), jnp.float32)
     step = make_train_step(apply, lambda m, batch: jnp.mean((m(batch[0]) - batch[1]) ** 2), optax.adam(1e-2),
                            donate=False)
@@ -152,7 +152,7 @@ def test_unsupported_uses_are_refused_with_the_layer_named():
     embed = nn.Embed(10, 4)
     table = embed.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
     with pytest.raises(ValueError, match=r"DoRA is supported on Dense and DenseGeneral layers, not 'embed'"):
-        init_lora(CFG, embed, table, jnp.zeros((1,), jnp.int32), rng=jax.random.key(1))
+        init_lora(embed, table, CFG, jnp.zeros((1,), jnp.int32), rng=jax.random.key(1))
     with pytest.raises(ValueError, match=r"adapter has a DoRA magnitude 'm', but LoraConfig.use_dora is False"):
         lora_apply(model, dataclasses.replace(CFG, use_dora=False))(params, lora, x)
     with pytest.raises(ValueError, match=r"adapter has no DoRA magnitude 'm', but LoraConfig.use_dora is True"):

@@ -55,7 +55,7 @@ def mlp_cases(draw):
               "head": {"kernel": f32(hidden, n_out)}}
     config = LoraConfig(rank=rank, alpha=alpha, use_rslora=rslora, targets=targets)
     lora = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype),
-                        jax.eval_shape(lambda: init_lora_fn(config, params, rng=jax.random.key(0))))
+                        jax.eval_shape(lambda: init_lora_fn(params, config, rng=jax.random.key(0))))
     return params, config, lora, f32(3, n_in)
 
 
@@ -85,7 +85,7 @@ def test_fresh_adapters_leave_the_function_unchanged():
     params = {"up": {"kernel": jnp.ones((4, 6))}, "head": {"kernel": jnp.ones((6, 2))},
               "emb": {"embedding": jnp.ones((9, 4))}}
     config = LoraConfig(rank=2, targets=("all-linear", "embedding"))
-    lora = init_lora_fn(config, params, rng=jax.random.key(0))
+    lora = init_lora_fn(params, config, rng=jax.random.key(0))
     assert sorted(lora) == ["emb", "up"]                     # "head" is the output head: not all-linear
     assert not np.any(np.asarray(lora["up"]["b"])) and np.all(np.asarray(lora["up"]["a"]) != 0)
     assert not np.any(np.asarray(lora["emb"]["a"])) and np.all(np.asarray(lora["emb"]["b"]) != 0)   # PEFT
@@ -106,8 +106,8 @@ def test_same_adapters_and_outputs_as_the_linen_front_end():
     params = module.init(jax.random.key(1), x)["params"]
     # by name: the linen front end also knows that down_proj's output is the model's (the head), this one cannot
     config = LoraConfig(rank=2, alpha=5.0, targets=("up_proj", "down_proj"))
-    lora = init_lora(config, module, params, x, rng=jax.random.key(2))
-    assert jax.tree.all(jax.tree.map(np.array_equal, init_lora_fn(config, params, rng=jax.random.key(2)), lora))
+    lora = init_lora(module, params, config, x, rng=jax.random.key(2))
+    assert jax.tree.all(jax.tree.map(np.array_equal, init_lora_fn(params, config, rng=jax.random.key(2)), lora))
     rng = np.random.default_rng(0)
     lora = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), lora)
     fn = lambda p, x: module.apply({"params": p}, x)
@@ -151,7 +151,7 @@ def test_out_in_layout_on_a_non_dict_pytree():
     config = LoraConfig(rank=2, alpha=4.0, targets="re:.*")
     found = find_weights(layers, layout="out_in")
     assert [(l.name, l.in_shape, l.out_shape) for l in found] == [("0", (4,), (5,)), ("1", (5,), (3,))]
-    lora = init_lora_fn(config, layers, rng=jax.random.key(0), layout="out_in")
+    lora = init_lora_fn(layers, config, rng=jax.random.key(0), layout="out_in")
     lora = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), t.dtype), lora)
     assert lora["0"]["a"].shape == (4, 2) and lora["0"]["b"].shape == (2, 5)
     x = jnp.asarray(rng.normal(size=4), jnp.float32)
@@ -173,8 +173,8 @@ def test_errors_name_the_layer():
     with pytest.raises(ValueError, match=r"layer 'up': adapter shapes a\[6, 2\]"):
         merge_fn(params, {"up": {"a": jnp.ones((6, 2)), "b": jnp.ones((2, 4))}}, config)
     with pytest.raises(ValueError, match="layout for 'up' must be one of"):
-        init_lora_fn(config, params, rng=jax.random.key(0), layout="io")
+        init_lora_fn(params, config, rng=jax.random.key(0), layout="io")
     with pytest.raises(ValueError, match="two weight leaves map to the layer name 'up'"):
         find_weights({"up": {"kernel": jnp.ones((4, 6)), "weight": jnp.ones((4, 6))}})
     with pytest.raises(ValueError, match="matches no layer"):
-        init_lora_fn(LoraConfig(targets="attention"), params, rng=jax.random.key(0))
+        init_lora_fn(params, LoraConfig(targets="attention"), rng=jax.random.key(0))

@@ -103,7 +103,7 @@ def _setup(name, seed=0):
     case, rng = CASES[name], np.random.default_rng(seed)
     x = case.make_input(rng)
     params = _normal_like(jax.eval_shape(lambda: case.module.init(KEY, x, method=case.method))["params"], rng)
-    shapes = jax.eval_shape(lambda: init_lora(CFG, case.module, params, x, rng=KEY, method=case.method))
+    shapes = jax.eval_shape(lambda: init_lora(case.module, params, CFG, x, rng=KEY, method=case.method))
     return case, x, params, _normal_like(shapes, rng)
 
 
@@ -159,7 +159,7 @@ def test_unmerge_inverts_merge(name):
 def test_fresh_adapter_leaves_output_unchanged(name):
     case, x, params, _ = _setup(name)
     # an "rbg" key: its bits compile much faster on CPU than threefry's, one compile per shape
-    lora = init_lora(CFG, case.module, params, x, rng=jax.random.key(1, impl="rbg"), method=case.method)
+    lora = init_lora(case.module, params, CFG, x, rng=jax.random.key(1, impl="rbg"), method=case.method)
     a, b = np.asarray(lora["a"]), np.asarray(lora["b"])
     if case.weight == "embedding":   # PEFT: embeddings get A zero, B normal
         assert not np.any(a) and np.all(b != 0)
@@ -294,22 +294,22 @@ def test_target_matching_nothing_lists_available_layers():
     with pytest.raises(ValueError, match=r"(?s)LoraConfig.targets entry 'key_proj' matches no layer; "
                                          r"available layers:\n  query \(dense, in \[4\], out \[6\]\)"
                                          r"\n  value \(dense, in \[6\], out \[3\]\)"):
-        init_lora(cfg, model, params, x, rng=KEY)
+        init_lora(model, params, cfg, x, rng=KEY)
 
 
 def test_rank_larger_than_layer_names_the_layer():
     model, x, params = _two_proj()
-    fine = jax.eval_shape(lambda: init_lora(LoraConfig(rank=3, targets="re:.*"), model, params, x, rng=KEY))
+    fine = jax.eval_shape(lambda: init_lora(model, params, LoraConfig(rank=3, targets="re:.*"), x, rng=KEY))
     assert fine["value"]["a"].shape == (6, 3)  # rank 3 == min(6, 3) is allowed
     with pytest.raises(ValueError, match=r"rank 4 is larger than min\(in, out\) = 3 of layer 'value' "
                                          r"\(in \[6\], out \[3\]\)"):
-        init_lora(LoraConfig(rank=4, targets="re:.*"), model, params, x, rng=KEY)
+        init_lora(model, params, LoraConfig(rank=4, targets="re:.*"), x, rng=KEY)
 
 
 def test_rank_pattern_sets_per_layer_rank_and_scale():
     model, x, params = _two_proj()
     cfg = LoraConfig(rank=2, alpha=6.0, targets="re:.*", rank_pattern={"query": 3}, alpha_pattern={"value": 1.0})
-    lora = init_lora(cfg, model, params, x, rng=KEY)
+    lora = init_lora(model, params, cfg, x, rng=KEY)
     assert lora["query"]["a"].shape == (4, 3) and lora["value"]["b"].shape == (2, 3)
     lora = jax.tree.map(lambda leaf: leaf + 0.5, lora)
     merged = merge(params, lora, cfg)
@@ -323,7 +323,7 @@ def test_rank_pattern_matching_no_adapted_layer_is_an_error():
     cfg = LoraConfig(rank=2, targets="query", rank_pattern={"value": 3})
     with pytest.raises(ValueError, match=r"(?s)LoraConfig.rank_pattern entry 'value' matches no adapted layer; "
                                          r"adapted layers:\n  query"):
-        init_lora(cfg, model, params, x, rng=KEY)
+        init_lora(model, params, cfg, x, rng=KEY)
 
 
 def test_adapter_that_does_not_fit_its_layer():
@@ -368,7 +368,7 @@ def test_adapter_of_a_layer_the_call_does_not_use():
     model, x = _TwoMethods(), jnp.ones((2, 4))
     params = _random_params(model, x)
     cfg = LoraConfig(rank=2, targets="re:.*")
-    lora = _normal_like(jax.eval_shape(lambda: init_lora(cfg, model, params, x, rng=KEY)), np.random.default_rng(1))
+    lora = _normal_like(jax.eval_shape(lambda: init_lora(model, params, cfg, x, rng=KEY)), np.random.default_rng(1))
     assert sorted(lora) == ["query", "value"]
     lora_apply(model, cfg)(params, lora, x)  # both used by __call__
     with pytest.raises(ValueError, match=r"adapters never applied: 'value'\. The module did not call these layers"):
@@ -399,7 +399,7 @@ def test_scan_that_does_not_map_the_lora_collection():
     good, bad = _Stack((("params", 0), ("lora", 0))), _Stack((("params", 0),))
     params = _random_params(good, x)
     cfg = LoraConfig(rank=2, targets="proj")
-    shapes = jax.eval_shape(lambda: init_lora(cfg, good, params, x, rng=KEY))
+    shapes = jax.eval_shape(lambda: init_lora(good, params, cfg, x, rng=KEY))
     assert jax.tree.map(jnp.shape, shapes) == {"layers": {"proj": {"a": (3, 4, 2), "b": (3, 2, 4)}}}
     lora = _normal_like(shapes, np.random.default_rng(1))
     # mapped: every stacked layer uses its own adapter slice
@@ -423,7 +423,7 @@ def test_grouped_conv_cannot_be_targeted():
     params = _random_params(model, x)
     with pytest.raises(ValueError, match=r"layer 'conv' \(conv\) cannot take an adapter: "
                                          r"Conv with feature_group_count=2 is not supported"):
-        init_lora(LoraConfig(rank=2, targets="conv"), model, params, x, rng=KEY)
+        init_lora(model, params, LoraConfig(rank=2, targets="conv"), x, rng=KEY)
 
 
 class _InterleavedEinsum(nn.Module):
@@ -438,4 +438,4 @@ def test_einsum_with_interleaved_kernel_cannot_be_targeted():
     with pytest.raises(ValueError, match=r"layer 'proj' \(einsum\) cannot take an adapter: Einsum bd,hdk->bhk: "
                                          r"the kernel's contracted dims must come before its output dims "
                                          r"\(kernel 'hdk', expected 'dhk'\)"):
-        init_lora(LoraConfig(rank=2, targets="proj"), model, params, x, rng=KEY)
+        init_lora(model, params, LoraConfig(rank=2, targets="proj"), x, rng=KEY)

@@ -234,7 +234,7 @@ def test_forward_and_gradient_on_a_quantized_base_match_the_oracle(case):
     assert all(quant.is_quantized(qbase[k]["kernel"]) for k in ("hidden", "out"))
     cfg = LoraConfig(rank=2, alpha=3.0, targets="re:.*")
     lora = jax.tree.map(lambda s: _normal(rng, *s.shape),
-                        init_lora(cfg, model, qbase, x, rng=jax.random.key(1)))
+                        init_lora(model, qbase, cfg, x, rng=jax.random.key(1)))
     g = _normal(rng, 2, 3, 5)
     apply = lora_apply(model, cfg)
     loss = lambda lp, base: jnp.sum(g * apply(base, lp, x))
@@ -279,7 +279,7 @@ def llama():
     qbase = quant.quantize_base(model, params, ids, method="nf4", block_size=32, double_quant=True)
     cfg = LoraConfig(rank=4, alpha=8.0, targets=("all-linear",))
     lora = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.normal(size=s.shape), s.dtype),
-                        init_lora(cfg, model, qbase, ids, rng=jax.random.key(1)))
+                        init_lora(model, qbase, cfg, ids, rng=jax.random.key(1)))
     return model, ids, params, qbase, cfg, lora
 
 
@@ -335,7 +335,7 @@ def test_train_step_on_a_quantized_base_trains_only_the_adapters():
     model, x, params = _two_dense()
     qbase = quant.quantize_base(model, params, x, method="nf4", block_size=16, include_head=True)
     cfg = LoraConfig(rank=2, targets="re:.*")
-    lora = init_lora(cfg, model, qbase, x, rng=jax.random.key(1))
+    lora = init_lora(model, qbase, cfg, x, rng=jax.random.key(1))
     tx = optax.adam(1e-2)   # scale-free steps: the N(0, 1) base gives outputs of size ~20
     step = make_train_step(lora_apply(model, cfg), lambda m, batch: jnp.mean((m(batch) - 1.0) ** 2), tx,
                            donate=False)
@@ -369,7 +369,7 @@ def test_merge_quantized_reports_the_rounding_it_introduces(case):
     rng = np.random.default_rng(6)
     qbase = quant.quantize_base(model, params, x, **kw)                 # "out" (the head) stays float
     cfg = LoraConfig(rank=2, alpha=2.0, targets="re:.*")
-    lora = jax.tree.map(lambda s: 0.1 * _normal(rng, *s.shape), init_lora(cfg, model, qbase, x, rng=jax.random.key(1)))
+    lora = jax.tree.map(lambda s: 0.1 * _normal(rng, *s.shape), init_lora(model, qbase, cfg, x, rng=jax.random.key(1)))
     merged, report = quant.merge_quantized(qbase, lora, cfg)
 
     s = cfg.scaling("hidden", 2)

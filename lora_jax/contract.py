@@ -1,9 +1,10 @@
-"""Adapter terms on arrays that both front ends (linen, nnx) share: contraction plumbing only.
+"""Contraction plumbing for the adapter terms of :mod:`lora_jax.kinds`: arrays only.
 
-Each function takes the layer's input and the factors, and a ``lowrank(x, a,
-b)`` callable that computes ``scale * (x @ a) @ b`` on ``[..., in]`` inputs
-(the front end's :func:`lora_jax.core.lowrank` with its scale, impl and
-precision), so the factored 2-D path is used wherever the layer allows it.
+The DenseGeneral and Einsum terms take the layer's input, the factors, and a
+``lowrank(x, a, b)`` callable that computes ``scale * (x @ a) @ b`` on
+``[..., in]`` inputs (:meth:`lora_jax.kinds.Call.lowrank`: the layer's scale,
+impl and precision), and move axes so that the factored 2-D path is used
+wherever the layer allows it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ def dense_general(x, a, b, axis, lowrank: Callable, promote: Callable = lambda *
 
     ``x``'s contracted axes move last and flatten, so the product is one 2-D
     factored matmul; ``promote`` casts ``(x, a, b)`` to the layer's dtype.
+
+    >>> lowrank = lambda x, a, b: x @ a @ b
+    >>> dense_general(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 1)), jnp.ones((1, 5)), (1, 2), lowrank).shape
+    (2, 5)
     """
     axis = tuple(sorted(ax % x.ndim for ax in axis))
     free = tuple(d for d in range(x.ndim) if d not in axis)
@@ -66,6 +71,10 @@ def einsum(lhs: str, rhs: str, out: str, x, a, b, lowrank: Callable, scale: floa
     A pure projection (every input label but the contracted ones kept, in any
     order) goes through the 2-D factored path and one transpose; anything else
     (an input label summed away) through two einsums.
+
+    >>> lowrank = lambda x, a, b: x @ a @ b
+    >>> einsum("btd", "dk", "bkt", jnp.ones((2, 3, 4)), jnp.ones((4, 1)), jnp.ones((1, 5)), lowrank, 1.0).shape
+    (2, 5, 3)
     """
     contracted = "".join(label for label in rhs if label not in out)
     kept_out = rhs[len(contracted):]
