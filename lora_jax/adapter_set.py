@@ -24,14 +24,28 @@ from typing import Iterator
 
 import jax.numpy as jnp
 
-from lora_jax.config import LoraConfig
-from lora_jax.multi import Adapter, Stacked, _as_adapter, _base_shapes, _geometry, combine, stack
+import lora_jax  # for lora_jax.io, which (with safetensors) the package loads on first use
+from lora_jax import deprecation, factors
+from lora_jax.config import Adapter, LoraConfig
+from lora_jax.multi import Stacked, combine, stack
 
 
 def _signature(base, adapter: Adapter, label: str) -> dict:
     """``{layer name: "a [..] b [..] dtype"}``: what must not change for a swap without recompiling."""
-    return {name: f"a {list(node['a'].shape)} b {list(node['b'].shape)} {jnp.dtype(node['a'].dtype)}"
-            for name, _, _, _, _, node in _geometry(base, adapter, label)}
+    return {g.name: f"a {list(g.node['a'].shape)} b {list(g.node['b'].shape)} {jnp.dtype(g.node['a'].dtype)}"
+            for g in factors.geometry(base, adapter, label)}
+
+
+def _given(where: str, lora_params, config, lora) -> Adapter:
+    """The adapter an ``add``/``replace`` call names; the 0.1 order ``(config, lora)`` warns and is reordered."""
+    if lora is not None or isinstance(lora_params, LoraConfig):
+        deprecation.warn(f"AdapterSet.{where}(name, config, lora)", f"AdapterSet.{where}(name, lora_params, config)",
+                         stacklevel=4)
+        if isinstance(lora_params, LoraConfig):
+            lora_params, config = config, lora_params
+        lora_params = lora_params if lora is None else lora
+    lora_params, config = Adapter.unpack(lora_params, config, where=f"AdapterSet.{where}")
+    return Adapter(config, lora_params)
 
 
 def _check_name(name) -> str:
@@ -46,13 +60,13 @@ class AdapterSet:
     Args:
       base_params: the base model's params (arrays or ``jax.ShapeDtypeStruct``;
         only their shapes are kept).
-      adapters: optional ``{name: Adapter or (config, lora)}`` to start with.
+      adapters: optional ``{name: Adapter or (config, lora_params)}`` to start with.
 
     >>> import jax.numpy as jnp
     >>> base = {"q": {"kernel": jnp.zeros((3, 2))}}
     >>> lora = {"q": {"a": jnp.ones((3, 1)), "b": jnp.ones((1, 2))}}
-    >>> s = AdapterSet(base).add("formal", LoraConfig(rank=1, alpha=2), lora)
-    >>> s = s.add("casual", LoraConfig(rank=1, alpha=4), lora).activate("casual")
+    >>> s = AdapterSet(base).add("formal", lora, LoraConfig(rank=1, alpha=2))
+    >>> s = s.add("casual", lora, LoraConfig(rank=1, alpha=4)).activate("casual")
     >>> s.names, s.active
     (('formal', 'casual'), (('casual', 1.0),))
     >>> cfg, resolved = s.resolve()
@@ -63,14 +77,14 @@ class AdapterSet:
     """
 
     def __init__(self, base_params, adapters: Mapping | None = None):
-        self._base = _base_shapes(base_params)
+        self._base = factors.base_shapes(base_params)
         self._adapters: dict[str, Adapter] = {}
         self._active: tuple[tuple[str, float], ...] = ()
         for name, item in (adapters or {}).items():
             self._adapters[_check_name(name)] = self._checked(name, item)
 
     def _checked(self, name: str, item) -> Adapter:
-        adapter = _as_adapter(item, f"adapter {name!r}")
+        adapter = factors.as_adapter(item, f"adapter {name!r}")
         _signature(self._base, adapter, f"adapter {name!r}")
         return adapter
 
@@ -111,29 +125,37 @@ class AdapterSet:
 
     # ---- changing (each returns a new set)
 
-    def add(self, name: str, config: LoraConfig, lora: Mapping) -> "AdapterSet":
-        """A new set with adapter ``name`` added; raises if the name is taken or it does not fit the base."""
+    def add(self, name: str, lora_params=None, config: LoraConfig | None = None, *, lora=None) -> "AdapterSet":
+        """A new set with adapter ``name`` added; raises if the name is taken or it does not fit the base.
+
+        Give ``lora_params`` and its ``config``, or one adapter value (an
+        :class:`~lora_jax.config.Adapter`, a loaded PEFT adapter) with
+        ``config`` omitted. ``lora=`` and the order ``(name, config, lora)``
+        are the deprecated 0.1 spellings.
+        """
         if _check_name(name) in self._adapters:
             raise ValueError(f"adapter {name!r} is already in the set; use replace() to swap it")
-        return self._with({**self._adapters, name: self._checked(name, (config, lora))}, self._active)
+        adapter = self._checked(name, _given("add", lora_params, config, lora))
+        return self._with({**self._adapters, name: adapter}, self._active)
 
-    def replace(self, name: str, config: LoraConfig, lora: Mapping) -> "AdapterSet":
+    def replace(self, name: str, lora_params=None, config: LoraConfig | None = None, *, lora=None) -> "AdapterSet":
         """A new set with adapter ``name``'s config and weights swapped for new ones of the same shapes.
 
-        The new adapter must adapt the same layers with factors of the same
-        shapes and dtype, so that functions compiled for the old one keep
-        serving (its alpha, rsLoRA and values may change). Raises
-        ``ValueError`` listing every difference otherwise.
+        Arguments as :meth:`add`. The new adapter must adapt the same layers
+        with factors of the same shapes and dtype, so that functions compiled
+        for the old one keep serving (its alpha, rsLoRA and values may
+        change). Raises ``ValueError`` listing every difference otherwise.
         """
+        adapter = _given("replace", lora_params, config, lora)
         old = _signature(self._base, self[name], f"adapter {name!r}")
-        new = _signature(self._base, _as_adapter((config, lora), f"adapter {name!r}"), f"adapter {name!r}")
+        new = _signature(self._base, adapter, f"adapter {name!r}")
         if old != new:
             diffs = [f"{layer}: {old.get(layer, 'absent')} -> {new.get(layer, 'absent')}"
                      for layer in sorted(set(old) | set(new)) if old.get(layer) != new.get(layer)]
             raise ValueError(f"cannot swap adapter {name!r} without recompiling: its layers differ "
                              f"(old -> new): " + "; ".join(diffs)
                              + ". Remove it and add the new one instead.")
-        return self._with({**self._adapters, name: Adapter(config, lora)}, self._active)
+        return self._with({**self._adapters, name: adapter}, self._active)
 
     def remove(self, name: str) -> "AdapterSet":
         """A new set without adapter ``name`` (it is also deactivated)."""
@@ -176,10 +198,8 @@ class AdapterSet:
         keyword arguments go to ``load_peft`` (``adapter_name``, ``dtype``,
         ``scan_layers``).
         """
-        from lora_jax.io.peft import load_peft  # io sits beside this module; import on use
-
-        loaded = load_peft(directory, **kwargs)
-        return (self.replace if replace else self.add)(name, loaded.config, loaded.lora)
+        loaded = lora_jax.io.load_peft(directory, **kwargs)
+        return (self.replace if replace else self.add)(name, loaded)
 
     # ---- using
 
@@ -193,9 +213,9 @@ class AdapterSet:
         if not self._active:
             return None
         names, weights = zip(*self._active)
-        return combine([self._adapters[n] for n in names], weights, base_params=self._base, method="cat").adapter
+        return combine(self._base, [self._adapters[n] for n in names], weights, method="cat").adapter
 
     def stack(self, names=None) -> Stacked:
         """All adapters (or ``names``) stacked for a mixed-adapter batch; see :func:`lora_jax.multi.stack`."""
         names = self.names if names is None else tuple(names)
-        return stack({n: self[n] for n in names}, base_params=self._base)
+        return stack(self._base, {n: self[n] for n in names})

@@ -1,11 +1,10 @@
 """Instruments for trained adapters: the spectrum of each delta, truncation, and how adapters overlap.
 
-Everything is computed from the small factors. With ``a = Q_a R_a`` and
-``b^T = Q_b R_b`` (thin QR), ``scale * a @ b = Q_a (scale R_a R_b^T) Q_b^T`` and
-the orthonormal ``Q`` factors keep singular values and vectors, so only an
-``r x r`` core is decomposed: the ``[in, out]`` delta is never formed. Layers
-stacked by ``nn.scan`` are analysed slice by slice (``sigma`` has one row per
-stacked layer). The math runs in float64 NumPy.
+Everything is computed from the small factors (:mod:`lora_jax.factors`): the
+QR factors of ``A`` and ``B^T`` keep the delta's singular values and vectors,
+so only an ``r x r`` core is decomposed and the ``[in, out]`` delta is never
+formed. Layers stacked by ``nn.scan`` are analysed slice by slice (``sigma``
+has one row per stacked layer). The math runs in float64 NumPy.
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from lora_jax.multi import (Adapter, Combined, _as_adapter, _base_shapes, _layers, _measured_errors,
-                            _scale_one_config, _svd, _to_tree, combine)
+from lora_jax import factors
+from lora_jax.config import Adapter
+from lora_jax.multi import Combined, combine, old_order_shim
 
 
 class LayerSpectrum(NamedTuple):
@@ -69,29 +69,22 @@ def effective_rank(sigma) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _factored_svd(a, b):
-    """``(U, s, Vt)`` of ``a @ b`` per slice (``a`` ``[L, I, r]``, ``b`` ``[L, r, O]``), thin, via QR."""
-    qa, ra = np.linalg.qr(a)
-    qb, rb = np.linalg.qr(np.swapaxes(b, -1, -2))
-    u, s, vt = np.linalg.svd(ra @ np.swapaxes(rb, -1, -2))
-    return qa @ u, s, vt @ np.swapaxes(qb, -1, -2)
-
-
-def spectrum(adapter, *, base_params) -> dict[str, LayerSpectrum]:
+@old_order_shim("analysis.spectrum(adapter, base_params=...)", "analysis.spectrum(base_params, adapter)")
+def spectrum(base_params, adapter) -> dict[str, LayerSpectrum]:
     """Per layer, the singular values of ``scale * A @ B``.
 
     >>> import jax.numpy as jnp
     >>> from lora_jax import LoraConfig
     >>> base = {"q": {"kernel": jnp.zeros((3, 2))}}
     >>> lora = {"q": {"a": jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), "b": jnp.eye(2)}}
-    >>> s = spectrum(Adapter(LoraConfig(rank=2, alpha=1), lora), base_params=base)["q"]
+    >>> s = spectrum(base, Adapter(LoraConfig(rank=2, alpha=1), lora))["q"]
     >>> s.sigma.tolist(), s.energy(1), s.rank_for_energy(0.9)
     ([[1.0, 0.5]], 0.8, 2)
     """
-    adapter = _as_adapter(adapter, "spectrum")
+    adapter = factors.as_adapter(adapter, "spectrum")
     out = {}
-    for name, layer in _layers(_base_shapes(base_params), adapter, "spectrum").items():
-        _, s, _ = _factored_svd(layer.scale * layer.a, layer.b)
+    for name, layer in factors.layers(factors.base_shapes(base_params), adapter, "spectrum").items():
+        _, s, _ = factors.svd(layer.a, layer.b, layer.scale)
         out[name] = LayerSpectrum(name, layer.a.shape[-1], np.asarray(s))
     return out
 
@@ -101,7 +94,8 @@ def recommend_ranks(spectra: Mapping[str, LayerSpectrum], energy: float = 0.9) -
     return {name: s.rank_for_energy(energy) for name, s in spectra.items()}
 
 
-def truncate(adapter, *, base_params, rank: int | Mapping[str, int] | None = None,
+@old_order_shim("analysis.truncate(adapter, base_params=...)", "analysis.truncate(base_params, adapter)")
+def truncate(base_params, adapter, *, rank: int | Mapping[str, int] | None = None,
              energy: float | None = None) -> Combined:
     """A smaller adapter: each layer's best rank-``k`` approximation (Eckart-Young).
 
@@ -115,17 +109,17 @@ def truncate(adapter, *, base_params, rank: int | Mapping[str, int] | None = Non
     >>> from lora_jax import LoraConfig
     >>> base = {"q": {"kernel": jnp.zeros((3, 2))}}
     >>> lora = {"q": {"a": jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), "b": jnp.eye(2)}}
-    >>> small = truncate(Adapter(LoraConfig(rank=2, alpha=2), lora), base_params=base, rank=1)
-    >>> small.lora["q"]["a"].shape, round(small.errors["q"], 6)   # sqrt(1) / sqrt(4 + 1)
+    >>> small = truncate(base, Adapter(LoraConfig(rank=2, alpha=2), lora), rank=1)
+    >>> small.lora_params["q"]["a"].shape, round(small.errors["q"], 6)   # sqrt(1) / sqrt(4 + 1)
     ((3, 1), 0.447214)
     """
     if (rank is None) == (energy is None):
         raise ValueError("truncate: give exactly one of rank= and energy=")
-    adapter = _as_adapter(adapter, "truncate")
-    base = _base_shapes(base_params)
-    layers = _layers(base, adapter, "truncate")
+    adapter = factors.as_adapter(adapter, "truncate")
+    base = factors.base_shapes(base_params)
+    layers = factors.layers(base, adapter, "truncate")
     if energy is not None:
-        ranks = recommend_ranks(spectrum(adapter, base_params=base), energy)
+        ranks = recommend_ranks(spectrum(base, adapter), energy)
     elif isinstance(rank, Mapping):
         unknown = sorted(set(rank) - set(layers))
         if unknown:
@@ -137,10 +131,11 @@ def truncate(adapter, *, base_params, rank: int | Mapping[str, int] | None = Non
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"truncate: layer {name!r}: rank must be a positive int, got {k!r}")
     ranks = {name: min(k, layers[name].a.shape[-1]) for name, k in ranks.items()}
-    outputs = {name: _svd([(layer.scale, layer)], ranks[name]) for name, layer in layers.items()}
-    lora = _to_tree(outputs, layers, next(iter(layers.values())).dtype)
-    errors = _measured_errors(lora, layers, {name: [(layer.scale, layer)] for name, layer in layers.items()})
-    return Combined(_scale_one_config(ranks), lora, errors)
+    terms = {name: [(layer.scale, layer.a, layer.b)] for name, layer in layers.items()}
+    outputs = {name: factors.truncated(*factors.concat(terms[name]), ranks[name]) for name in layers}
+    lora_params = factors.to_tree(outputs, layers, next(iter(layers.values())).dtype)
+    errors = factors.measured_errors(lora_params, layers, terms)
+    return Combined(factors.scale_one_config(ranks), lora_params, errors)
 
 
 class Overlap(NamedTuple):
@@ -159,7 +154,9 @@ class Overlap(NamedTuple):
     overlap: float
 
 
-def subspace_overlap(first, second, *, base_params, k: int | None = None, side: str = "in") -> dict[str, Overlap]:
+@old_order_shim("analysis.subspace_overlap(first, second, base_params=...)",
+                "analysis.subspace_overlap(base_params, first, second)")
+def subspace_overlap(base_params, first, second, *, k: int | None = None, side: str = "in") -> dict[str, Overlap]:
     """Per layer adapted by both, the overlap of the two deltas' top-``k`` singular subspaces.
 
     ``side="in"`` compares the input-side subspaces (left singular vectors of
@@ -173,24 +170,21 @@ def subspace_overlap(first, second, *, base_params, k: int | None = None, side: 
     >>> cfg = LoraConfig(rank=1)
     >>> x = Adapter(cfg, {"q": {"a": jnp.array([[1.0], [0], [0], [0]]), "b": jnp.ones((1, 3))}})
     >>> y = Adapter(cfg, {"q": {"a": jnp.array([[0.0], [1], [0], [0]]), "b": jnp.ones((1, 3))}})
-    >>> subspace_overlap(x, y, base_params=base)["q"].overlap, subspace_overlap(x, x, base_params=base)["q"].overlap
+    >>> subspace_overlap(base, x, y)["q"].overlap, subspace_overlap(base, x, x)["q"].overlap
     (0.0, 1.0)
     """
     if side not in ("in", "out"):
         raise ValueError(f"subspace_overlap: side must be 'in' or 'out', got {side!r}")
-    base = _base_shapes(base_params)
-    one = _layers(base, _as_adapter(first, "subspace_overlap: first"), "subspace_overlap: first")
-    two = _layers(base, _as_adapter(second, "subspace_overlap: second"), "subspace_overlap: second")
-    spectra = [spectrum(first, base_params=base), spectrum(second, base_params=base)]
+    base = factors.base_shapes(base_params)
+    one = factors.layers(base, factors.as_adapter(first, "subspace_overlap: first"), "subspace_overlap: first")
+    two = factors.layers(base, factors.as_adapter(second, "subspace_overlap: second"), "subspace_overlap: second")
     out = {}
     for name in [n for n in one if n in two]:
-        kk = k or min(spectra[0][name].numerical_rank(), spectra[1][name].numerical_rank())
+        svds = [factors.svd(layer.a, layer.b, layer.scale) for layer in (one[name], two[name])]
+        kk = k or min(LayerSpectrum(name, s.shape[-1], s).numerical_rank() for _, s, _ in svds)
         if kk == 0:
             continue
-        bases = []
-        for layer in (one[name], two[name]):
-            u, _, vt = _factored_svd(layer.scale * layer.a, layer.b)
-            bases.append(u[:, :, :kk] if side == "in" else np.swapaxes(vt, -1, -2)[:, :, :kk])
+        bases = [u[:, :, :kk] if side == "in" else np.swapaxes(vt, -1, -2)[:, :, :kk] for u, _, vt in svds]
         cosines = np.linalg.svd(np.swapaxes(bases[0], -1, -2) @ bases[1], compute_uv=False)
         out[name] = Overlap(np.clip(cosines, 0.0, 1.0), float(np.mean(np.sum(cosines ** 2, axis=-1)) / kk))
     return out
@@ -216,8 +210,10 @@ class Interference(NamedTuple):
         return self.together - self.alone[:, None]
 
 
-def interference(adapters: Mapping[str, Adapter], evaluate: Callable[[str, Adapter], float], *,
-                 base_params) -> Interference:
+@old_order_shim("analysis.interference(adapters, evaluate, base_params=...)",
+                "analysis.interference(base_params, adapters, evaluate)")
+def interference(base_params, adapters: Mapping[str, Adapter],
+                 evaluate: Callable[[str, Adapter], float]) -> Interference:
     """The functional interference matrix of named adapters.
 
     ``evaluate(task, adapter)`` returns a held-out loss on ``task`` (one name
@@ -225,12 +221,12 @@ def interference(adapters: Mapping[str, Adapter], evaluate: Callable[[str, Adapt
     ``"cat"`` combination with weights 1 and 1.
     """
     names = tuple(adapters)
-    items = {name: _as_adapter(item, f"interference: {name!r}") for name, item in adapters.items()}
+    items = {name: factors.as_adapter(item, f"interference: {name!r}") for name, item in adapters.items()}
     alone = np.array([evaluate(name, items[name]) for name in names], np.float64)
     together = np.diag(alone).copy()
     for i, task in enumerate(names):
         for j, other in enumerate(names):
             if i != j:
-                pair = combine([items[task], items[other]], [1.0, 1.0], base_params=base_params).adapter
+                pair = combine(base_params, [items[task], items[other]], [1.0, 1.0]).adapter
                 together[i, j] = evaluate(task, pair)
     return Interference(names, alone, together)

@@ -23,13 +23,14 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from lora_jax import multi
-from lora_jax.config import LoraConfig
+from lora_jax.config import Adapter, LoraConfig
+from lora_jax.multi import Combined, combine, old_order_shim
 from lora_jax.tree import adapted_layers, set_path
 
 
-def _decompose(config: LoraConfig, base_params, lora_params, factor: Callable) -> tuple[dict, dict]:
+def _decompose(base_params, lora_params, config: LoraConfig | None, factor: Callable, where: str) -> tuple[dict, dict]:
     """``(residual base, lora)`` with ``factor(w2, rank, scale) -> (a2, b2)`` on each ``[lead, in, out]`` weight."""
+    lora_params, config = Adapter.unpack(lora_params, config, where=where)
     residual, lora = base_params, lora_params
     for path, weight, base_node, node, (lead, in_shape, out_shape) in adapted_layers(base_params, lora_params):
         name = "/".join(path)
@@ -65,7 +66,8 @@ def _olora_factors(w2, rank, scale):
     return jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
 
 
-def pissa(config: LoraConfig, base_params, lora_params) -> tuple[dict, dict]:
+@old_order_shim("inits.pissa(config, base_params, lora_params)", "inits.pissa(base_params, lora_params, config)")
+def pissa(base_params, lora_params, config: LoraConfig | None = None) -> tuple[dict, dict]:
     """PiSSA (Meng et al., 2024): adapters from the top-``r`` singular triplets; the base keeps the rest.
 
     With ``W = U S V^T``: ``A = U_r sqrt(S_r / scale)``, ``B = sqrt(S_r / scale) V_r^T``,
@@ -74,10 +76,11 @@ def pissa(config: LoraConfig, base_params, lora_params) -> tuple[dict, dict]:
     residual base; share them with :func:`to_plain_lora`.
 
     Args:
-      config: the adapters' config (ranks, scaling).
       base_params: the base params (not modified; a new tree is returned).
       lora_params: adapters from :func:`lora_jax.init_lora`, used for which
-        layers and ranks; their values are replaced.
+        layers and ranks; their values are replaced. Or one adapter value,
+        with ``config`` omitted.
+      config: the adapters' config (ranks, scaling).
 
     Returns:
       ``(residual_base, lora)``.
@@ -85,14 +88,15 @@ def pissa(config: LoraConfig, base_params, lora_params) -> tuple[dict, dict]:
     >>> import numpy as np
     >>> w = jnp.asarray(np.diag([3.0, 2.0, 1.0]))
     >>> cfg = LoraConfig(rank=1, alpha=1)
-    >>> res, lora = pissa(cfg, {"q": {"kernel": w}}, {"q": {"a": jnp.zeros((3, 1)), "b": jnp.zeros((1, 3))}})
+    >>> res, lora = pissa({"q": {"kernel": w}}, {"q": {"a": jnp.zeros((3, 1)), "b": jnp.zeros((1, 3))}}, cfg)
     >>> np.round(np.asarray(res["q"]["kernel"]).diagonal(), 5).tolist(), float(lora["q"]["a"][0, 0] ** 2)
     ([0.0, 2.0, 1.0], 3.0)
     """
-    return _decompose(config, base_params, lora_params, _pissa_factors)
+    return _decompose(base_params, lora_params, config, _pissa_factors, "inits.pissa")
 
 
-def olora(config: LoraConfig, base_params, lora_params) -> tuple[dict, dict]:
+@old_order_shim("inits.olora(config, base_params, lora_params)", "inits.olora(base_params, lora_params, config)")
+def olora(base_params, lora_params, config: LoraConfig | None = None) -> tuple[dict, dict]:
     """OLoRA (Büyükakyüz, 2024): orthonormal ``B`` from a QR decomposition of the weight; the base keeps the rest.
 
     As PEFT: with ``W^T = Q R`` (the ``[out, in]`` weight), ``B = Q_r^T``
@@ -101,15 +105,17 @@ def olora(config: LoraConfig, base_params, lora_params) -> tuple[dict, dict]:
 
     >>> import numpy as np
     >>> w = jnp.asarray(np.arange(12.0).reshape(4, 3))
-    >>> res, lora = olora(LoraConfig(rank=2, alpha=2), {"q": {"kernel": w}},
-    ...                   {"q": {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 3))}})
+    >>> res, lora = olora({"q": {"kernel": w}}, {"q": {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 3))}},
+    ...                   LoraConfig(rank=2, alpha=2))
     >>> b = np.asarray(lora["q"]["b"]); np.allclose(b @ b.T, np.eye(2), atol=1e-5)
     True
     """
-    return _decompose(config, base_params, lora_params, _olora_factors)
+    return _decompose(base_params, lora_params, config, _olora_factors, "inits.olora")
 
 
-def to_plain_lora(config: LoraConfig, initial_lora, trained_lora, *, base_params) -> multi.Combined:
+@old_order_shim("inits.to_plain_lora(config, initial_lora, trained_lora, base_params=...)",
+                "inits.to_plain_lora(base_params, initial_lora, trained_lora, config)")
+def to_plain_lora(base_params, initial_lora, trained_lora, config: LoraConfig) -> Combined:
     """The trained adapter as a plain LoRA on the *original* base: rank ``2r``, exact.
 
     ``residual + scale * A' @ B' == W + scale * [A', A0] @ [B'; -B0]``, so the
@@ -119,10 +125,10 @@ def to_plain_lora(config: LoraConfig, initial_lora, trained_lora, *, base_params
     :func:`lora_jax.io.peft.save_peft` for PEFT users.
 
     Args:
-      config: the config both adapters were made with.
+      base_params: the original base's params (shapes are checked).
       initial_lora: the adapters :func:`pissa`/:func:`olora` returned (before training).
       trained_lora: the same adapters after training.
-      base_params: the original base's params (shapes are checked).
+      config: the config both adapters were made with.
     """
-    return multi.combine([multi.Adapter(config, trained_lora), multi.Adapter(config, initial_lora)], [1.0, -1.0],
-                         base_params=base_params, method="cat")
+    return combine(base_params, [Adapter(config, trained_lora), Adapter(config, initial_lora)], [1.0, -1.0],
+                   method="cat")

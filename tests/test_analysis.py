@@ -39,14 +39,14 @@ def known_rank(draw):
 
 
 def _dense(adapter, scale):
-    a, b = _stacked(adapter.lora["q"]["a"]), _stacked(adapter.lora["q"]["b"])
+    a, b = _stacked(adapter.lora_params["q"]["a"]), _stacked(adapter.lora_params["q"]["b"])
     return scale * a @ b
 
 
 @given(known_rank())
 def test_spectrum_matches_the_dense_svd_and_finds_the_rank(case):
     adapter, base, k, scale = case
-    s = spectrum(adapter, base_params=base)["q"]
+    s = spectrum(base, adapter)["q"]
     expected = np.linalg.svd(_dense(adapter, scale), compute_uv=False)[:, :s.rank]
     assert s.sigma.shape == expected.shape
     assert np.max(np.abs(s.sigma - expected)) <= F32_REL * expected.max()
@@ -68,13 +68,13 @@ def test_effective_rank_of_known_spectra():
 @given(known_rank(), st.integers(1, 4))
 def test_truncation_is_the_best_rank_k_and_reports_the_discarded_energy(case, k):
     adapter, base, _, scale = case
-    small = truncate(adapter, base_params=base, rank=k)
+    small = truncate(base, adapter, rank=k)
     dense = _dense(adapter, scale)
     u, s, vt = np.linalg.svd(dense, full_matrices=False)
     kk = min(k, adapter.config.rank)
     best = (u[:, :, :kk] * s[:, None, :kk]) @ vt[:, :kk]
-    merged = np.asarray(merge(base, small.lora, small.config)["q"]["kernel"], np.float64)
-    assert small.lora["q"]["a"].shape[-1] == kk
+    merged = np.asarray(merge(base, small.lora_params, small.config)["q"]["kernel"], np.float64)
+    assert small.lora_params["q"]["a"].shape[-1] == kk
     assert_close(merged.reshape(best.shape), best, jnp.float32, what=f"rank {kk}")
     discarded = np.sqrt(np.sum(s[:, kk:] ** 2)) / np.sqrt(np.sum(s ** 2))
     assert abs(small.errors["q"] - discarded) <= F32_REL, (small.errors["q"], discarded)
@@ -87,15 +87,15 @@ def test_truncate_by_energy_and_its_errors():
     v, _ = np.linalg.qr(rng.normal(size=(5, 3)))
     lora = {"q": {"a": jnp.asarray(u * [4.0, 2.0, 1.0], jnp.float32), "b": jnp.asarray(v.T, jnp.float32)}}
     adapter, base = Adapter(LoraConfig(rank=3, alpha=3), lora), {"q": {"kernel": jnp.zeros((6, 5))}}
-    assert np.allclose(spectrum(adapter, base_params=base)["q"].sigma, [[4.0, 2.0, 1.0]], rtol=1e-6)
+    assert np.allclose(spectrum(base, adapter)["q"].sigma, [[4.0, 2.0, 1.0]], rtol=1e-6)
     for energy, k in ((0.7, 1), (16 / 21 + 1e-3, 2), (0.99, 3)):
-        out = truncate(adapter, base_params=base, energy=energy)
-        assert out.lora["q"]["a"].shape[-1] == k
+        out = truncate(base, adapter, energy=energy)
+        assert out.lora_params["q"]["a"].shape[-1] == k
         assert out.errors["q"] == pytest.approx(np.sqrt(sum([16.0, 4.0, 1.0][k:]) / 21), abs=1e-6)
     with pytest.raises(ValueError, match="exactly one of rank= and energy="):
-        truncate(adapter, base_params=base)
+        truncate(base, adapter)
     with pytest.raises(ValueError, match="rank given for layers the adapter does not have"):
-        truncate(adapter, base_params=base, rank={"k": 1})
+        truncate(base, adapter, rank={"k": 1})
 
 
 def _one_layer(a, b):
@@ -113,7 +113,7 @@ def test_subspace_overlap_of_constructed_pairs():
     orthogonal = _one_layer(q[:, 2:4], b)
     same_span = _one_layer(q[:, :2] @ rng.normal(size=(2, 2)), rng.normal(size=(2, 6)))   # other basis, other B
     half = _one_layer(np.stack([q[:, 0], q[:, 5]], axis=1), b)                          # shares one direction
-    overlap = lambda other, **kw: subspace_overlap(first, other, base_params=base, **kw)["q"]
+    overlap = lambda other, **kw: subspace_overlap(base, first, other, **kw)["q"]
     assert overlap(orthogonal).overlap == pytest.approx(0.0, abs=1e-10)
     assert overlap(same_span).overlap == pytest.approx(1.0, abs=1e-6)
     assert overlap(first).overlap == pytest.approx(1.0, abs=1e-6)
@@ -132,10 +132,10 @@ def test_interference_matrix_uses_the_exact_sum_of_deltas():
     targets = {name: rng.normal(size=(5, 4)) for name in adapters}
 
     def evaluate(task, adapter):   # distance of the adapter's delta from the task's target
-        delta = np.asarray(merge(base, adapter.lora, adapter.config)["q"]["kernel"], np.float64)
+        delta = np.asarray(merge(base, adapter.lora_params, adapter.config)["q"]["kernel"], np.float64)
         return float(np.linalg.norm(delta - targets[task]))
 
-    report = interference(adapters, evaluate, base_params=base)
+    report = interference(base, adapters, evaluate)
     deltas = {n: _dense(a, 1.0)[0] for n, a in adapters.items()}   # alpha == rank: scale 1
     for i, task in enumerate(report.names):
         assert report.alone[i] == pytest.approx(np.linalg.norm(deltas[task] - targets[task]), rel=1e-5)
@@ -143,3 +143,48 @@ def test_interference_matrix_uses_the_exact_sum_of_deltas():
             both = deltas[task] + (deltas[other] if other != task else 0.0)
             assert report.together[i, j] == pytest.approx(np.linalg.norm(both - targets[task]), rel=1e-5)
     assert np.allclose(np.diag(report.increase), 0.0)
+
+
+# ---- the 0.1 order (adapters first, base_params= as a keyword): each warns and gives what the 0.2 order gives
+
+
+def _pair():
+    rng = np.random.default_rng(3)
+    base = {"q": {"kernel": jnp.zeros((6, 5))}}
+    return base, _one_layer(rng.normal(size=(6, 3)), rng.normal(size=(3, 5))), _one_layer(
+        rng.normal(size=(6, 2)), rng.normal(size=(2, 5)))
+
+
+def test_spectrum_in_the_old_order_warns_and_agrees():
+    base, first, _ = _pair()
+    with pytest.warns(DeprecationWarning, match=r"use analysis.spectrum\(base_params, adapter\)"):
+        old = spectrum(first, base_params=base)["q"]
+    new = spectrum(base, first)["q"]
+    assert (old.name, old.rank) == (new.name, new.rank) and np.array_equal(old.sigma, new.sigma)
+
+
+def test_truncate_in_the_old_order_warns_and_agrees():
+    base, first, _ = _pair()
+    with pytest.warns(DeprecationWarning, match=r"analysis.truncate\(adapter, base_params=...\) is deprecated"):
+        old = truncate(first, base_params=base, rank=1)
+    new = truncate(base, first, rank=1)
+    assert old.config == new.config and old.errors == new.errors
+    assert all(np.array_equal(old.lora_params["q"][x], new.lora_params["q"][x]) for x in "ab")
+
+
+def test_subspace_overlap_in_the_old_order_warns_and_agrees():
+    base, first, second = _pair()
+    with pytest.warns(DeprecationWarning, match=r"use analysis.subspace_overlap\(base_params, first, second\)"):
+        old = subspace_overlap(first, second, base_params=base, side="out")["q"]
+    new = subspace_overlap(base, first, second, side="out")["q"]
+    assert old.overlap == new.overlap and np.array_equal(old.cosines, new.cosines)
+
+
+def test_interference_in_the_old_order_warns_and_agrees():
+    base, first, second = _pair()
+    evaluate = lambda task, adapter: float(np.sum(np.asarray(adapter.lora_params["q"]["a"])) + len(task))
+    with pytest.warns(DeprecationWarning, match=r"use analysis.interference\(base_params, adapters, evaluate\)"):
+        old = interference({"x": first, "yy": second}, evaluate, base_params=base)
+    new = interference(base, {"x": first, "yy": second}, evaluate)
+    assert old.names == new.names and np.array_equal(old.together, new.together)
+    assert np.array_equal(old.alone, new.alone)

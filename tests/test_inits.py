@@ -22,7 +22,7 @@ def model():
     module = LlamaForCausalLM(TINY)
     ids = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY.vocab_size)
     base = module.init(jax.random.key(1), ids)["params"]
-    lora = L.init_lora(CFG, module, base, ids, rng=jax.random.key(2))
+    lora = L.init_lora(module, base, CFG, ids, rng=jax.random.key(2))
     return module, ids, base, lora
 
 
@@ -39,7 +39,7 @@ def _layers(base, lora):
 @pytest.mark.parametrize("method", ["pissa", "olora"])
 def test_residual_plus_adapter_is_the_weight_and_the_model_is_unchanged(model, method):
     module, ids, base, lora = model
-    residual, init = getattr(L.inits, method)(CFG, base, lora)
+    residual, init = getattr(L.inits, method)(base, lora, CFG)
     originals = {name: w for name, w, *_ in _layers(base, lora)}
     for name, w_res, a, b, scale in _layers(residual, init):
         assert_close(w_res + scale * a @ b, originals[name], what=f"{method} {name}: residual + scale*A@B")
@@ -68,7 +68,7 @@ def _with_spectral_gaps(base, lora):
 def test_pissa_is_the_best_rank_r_approximation(model):
     _, _, base, lora = model
     base = _with_spectral_gaps(base, lora)
-    residual, init = L.inits.pissa(CFG, base, lora)
+    residual, init = L.inits.pissa(base, lora, CFG)
     originals = {name: w for name, w, *_ in _layers(base, lora)}
     for name, _, a, b, scale in _layers(residual, init):
         w = originals[name]
@@ -85,7 +85,7 @@ def test_pissa_is_the_best_rank_r_approximation(model):
 
 def test_olora_b_is_orthonormal_and_a_b_is_the_leading_qr_block(model):
     _, _, base, lora = model
-    residual, init = L.inits.olora(CFG, base, lora)
+    residual, init = L.inits.olora(base, lora, CFG)
     originals = {name: w for name, w, *_ in _layers(base, lora)}
     for name, _, a, b, _ in _layers(residual, init):
         r = a.shape[-1]
@@ -100,16 +100,16 @@ def test_olora_b_is_orthonormal_and_a_b_is_the_leading_qr_block(model):
 @pytest.mark.parametrize("method", ["pissa", "olora"])
 def test_trained_adapter_exports_to_a_rank_2r_plain_lora_on_the_original_base(model, method):
     module, ids, base, lora = model
-    residual, init = getattr(L.inits, method)(CFG, base, lora)
+    residual, init = getattr(L.inits, method)(base, lora, CFG)
     noise = jax.tree.map(lambda x, k: 0.05 * jax.random.normal(k, x.shape, x.dtype), init,
                          jax.tree.unflatten(jax.tree.structure(init),
                                             list(jax.random.split(jax.random.key(3), len(jax.tree.leaves(init))))))
     trained = jax.tree.map(jnp.add, init, noise)                  # stands in for training
-    plain = L.inits.to_plain_lora(CFG, init, trained, base_params=base)
-    for path, node in L.adapters(plain.lora).items():
+    plain = L.inits.to_plain_lora(base, init, trained, CFG)
+    for path, node in L.adapter_nodes(plain.lora_params).items():
         assert node["a"].shape[-1] == 2 * CFG.rank, path
     on_residual = L.lora_apply(module, CFG)(residual, trained, ids)
-    on_original = L.lora_apply(module, plain.config)(base, plain.lora, ids)
+    on_original = L.lora_apply(module, plain.config)(base, plain.lora_params, ids)
     assert_close(on_original, on_residual, what=f"{method}: exported adapter on the original base")
     assert not np.allclose(np.asarray(on_residual), np.asarray(module.apply({"params": base}, ids)), atol=1e-3)
 
@@ -118,6 +118,31 @@ def test_errors_name_the_layer():
     base = {"embed": {"embedding": jnp.ones((8, 4))}}
     lora = {"embed": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}}
     with pytest.raises(ValueError, match="'embed': PiSSA/OLoRA initialise dense-like layers only"):
-        L.inits.pissa(L.LoraConfig(rank=2), base, lora)
+        L.inits.pissa(base, lora, L.LoraConfig(rank=2))
     with pytest.raises(ValueError, match="adapter 'q' has no layer in base params"):
-        L.inits.olora(L.LoraConfig(rank=2), base, {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}})
+        L.inits.olora(base, {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}}, L.LoraConfig(rank=2))
+
+
+# ---- the 0.1 order (config first): each warns and gives what the 0.2 order gives
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_decompositions_in_the_old_order_warn_and_agree(model, method):
+    _, _, base, lora = model
+    fn = getattr(L.inits, method)
+    with pytest.warns(DeprecationWarning, match=rf"inits.{method}\(config, base_params, lora_params\) is deprecated"):
+        old = fn(CFG, base, lora)
+    new = fn(base, L.Adapter(CFG, lora))            # an adapter value in the lora_params slot
+    assert jax.tree.all(jax.tree.map(np.array_equal, old, new))
+
+
+def test_to_plain_lora_in_the_old_order_warns_and_agrees(model):
+    _, _, base, lora = model
+    _, init = L.inits.olora(base, lora, CFG)
+    trained = jax.tree.map(lambda x: 1.5 * x, init)
+    new_order = r"use inits.to_plain_lora\(base_params, initial_lora, trained_lora, config\)"
+    with pytest.warns(DeprecationWarning, match=new_order):
+        old = L.inits.to_plain_lora(CFG, init, trained, base_params=base)
+    new = L.inits.to_plain_lora(base, init, trained, CFG)
+    assert old.config == new.config and old.errors == new.errors
+    assert jax.tree.all(jax.tree.map(np.array_equal, old.lora_params, new.lora_params))

@@ -100,7 +100,7 @@ def _exact(parts, weights, name):
 def _merged_delta(base, combined, name):
     weight = LAYERS[name][0]
     path = tuple(name.split("/")) + (weight,)
-    merged = lora_jax.tree.get_path(merge(base, combined.lora, combined.config), path)
+    merged = lora_jax.tree.get_path(merge(base, combined.lora_params, combined.config), path)
     return np.asarray(merged, np.float64) - np.asarray(lora_jax.tree.get_path(base, path), np.float64)
 
 
@@ -113,14 +113,14 @@ def test_cat_is_the_exact_weighted_sum(case):
     specs, weights, seed = case
     adapters, parts = _build(specs, seed)
     base = _base(np.random.default_rng(seed + 1))
-    out = combine(adapters, weights, base_params=base, method="cat")
+    out = combine(base, adapters, weights, method="cat")
     assert sorted(out.errors) == _targeted(parts)
     for name in _targeted(parts):
         expected, magnitude = _exact(parts, weights, name)
         assert_close(_merged_delta(base, out, name), expected, jnp.float32, what=name, magnitude=magnitude)
         assert out.errors[name] <= 1e-6, (name, out.errors[name])
         # rank: every adapter's rank at this layer, absent ones zero-padded with their configured rank
-        node = lora_jax.tree.get_path(out.lora, tuple(name.split("/")))
+        node = lora_jax.tree.get_path(out.lora_params, tuple(name.split("/")))
         assert node["a"].shape[-1] == sum(a.config.rank_for(name) for a in adapters)
         assert out.config.scaling(name, node["a"].shape[-1]) == 1.0
 
@@ -142,12 +142,12 @@ def test_svd_is_the_best_rank_k_approximation(case, rank):
     specs, weights, seed = case
     adapters, parts = _build(specs, seed)
     base = _base(np.random.default_rng(seed + 1))
-    out = combine(adapters, weights, base_params=base, method="svd", rank=rank)
+    out = combine(base, adapters, weights, method="svd", rank=rank)
     for name in _targeted(parts):
         k = rank or max(layer_parts[name][0].shape[-1] for layer_parts in parts if name in layer_parts)
         expected, magnitude = _exact(parts, weights, name)
         best, error = _best_rank_k(expected, k)
-        node = lora_jax.tree.get_path(out.lora, tuple(name.split("/")))
+        node = lora_jax.tree.get_path(out.lora_params, tuple(name.split("/")))
         assert node["a"].shape[-1] == k
         assert_close(_merged_delta(base, out, name), best, jnp.float32, what=name, magnitude=magnitude)
         assert abs(out.errors[name] - error) <= 1e-5, (name, out.errors[name], error)
@@ -158,7 +158,7 @@ def test_linear_is_the_documented_mix_and_reports_its_error(case):
     specs, weights, seed = case
     adapters, parts = _build(specs, seed)
     base = _base(np.random.default_rng(seed + 1))
-    out = combine(adapters, weights, base_params=base, method="linear")
+    out = combine(base, adapters, weights, method="linear")
     for name in _targeted(parts):
         a_mix, b_mix = 0.0, 0.0
         for w, layer_parts in zip(weights, parts):
@@ -180,7 +180,7 @@ def test_linear_is_the_documented_mix_and_reports_its_error(case):
 def test_linear_is_not_the_sum_of_deltas():
     adapters, parts = _build([dict(layers=["q"], rank=2, alpha=2.0, rslora=False, override=None)] * 2, seed=3)
     base = _base(np.random.default_rng(0))
-    out = combine(adapters, [1.0, 1.0], base_params=base, method="linear")
+    out = combine(base, adapters, [1.0, 1.0], method="linear")
     expected, _ = _exact(parts, [1.0, 1.0], "q")
     measured = np.linalg.norm(_merged_delta(base, out, "q") - expected) / np.linalg.norm(expected)
     assert measured > 0.1 and abs(out.errors["q"] - measured) <= 1e-5
@@ -191,23 +191,23 @@ def test_combine_rejects_bad_input():
     adapters, _ = _build([dict(layers=["q"], rank=2, alpha=2.0, rslora=False, override=None),
                           dict(layers=["q"], rank=3, alpha=2.0, rslora=False, override=None)], seed=0)
     with pytest.raises(ValueError, match="method must be one of"):
-        combine(adapters, base_params=base, method="ties")
+        combine(base, adapters, method="ties")
     with pytest.raises(ValueError, match="rank= applies to method='svd' only"):
-        combine(adapters, base_params=base, rank=2)
+        combine(base, adapters, rank=2)
     with pytest.raises(ValueError, match="2 adapters"):
-        combine(adapters, [1.0], base_params=base)
+        combine(base, adapters, [1.0])
     with pytest.raises(ValueError, match=r"weights\[1\] must be a finite number"):
-        combine(adapters, [1.0, float("nan")], base_params=base)
+        combine(base, adapters, [1.0, float("nan")])
     with pytest.raises(ValueError, match="layer 'q' has adapters of different ranks"):
-        combine(adapters, base_params=base, method="linear")
+        combine(base, adapters, method="linear")
     with pytest.raises(ValueError, match="no adapters given"):
-        combine([], base_params=base)
+        combine(base, [])
     wrong = Adapter(adapters[0].config, {"q": {"a": jnp.zeros((5, 2)), "b": jnp.zeros((2, 5))}})
     with pytest.raises(ValueError, match=r"adapters\[1\]: layer 'q': adapter shapes a\[5, 2\]"):
-        combine([adapters[0], wrong], base_params=base)
+        combine(base, [adapters[0], wrong])
     missing = Adapter(adapters[0].config, {"nope": {"a": jnp.zeros((6, 2)), "b": jnp.zeros((2, 5))}})
     with pytest.raises(ValueError, match="layer 'nope' is not in the base params"):
-        combine([missing], base_params=base)
+        combine(base, [missing])
 
 
 # ---- AdapterSet on a small linen model
@@ -229,7 +229,7 @@ def mlp():
 
     def adapter(seed, alpha, rank=2, targets=("re:.*",)):
         config = LoraConfig(rank=rank, alpha=alpha, targets=targets)
-        shapes = jax.eval_shape(lambda: lora_jax.init_lora(config, module, params, ids, rng=jax.random.key(0)))
+        shapes = jax.eval_shape(lambda: lora_jax.init_lora(module, params, config, ids, rng=jax.random.key(0)))
         r = np.random.default_rng(seed)
         return Adapter(config, jax.tree.map(lambda s: jnp.asarray(r.normal(size=s.shape), s.dtype), shapes))
 
@@ -243,8 +243,8 @@ def _merged_reference(module, params, ids, weighted):
         weight = "embedding" if layer == "emb" else "kernel"
         w = np.asarray(params[layer][weight], np.float64)
         for w_i, adapter in weighted:
-            if layer in adapter.lora:
-                node = adapter.lora[layer]
+            if layer in adapter.lora_params:
+                node = adapter.lora_params[layer]
                 w = w + w_i * reference.delta(node["a"], node["b"], adapter.config.scaling(layer))
         merged[layer] = {**params[layer], weight: jnp.asarray(w, jnp.float32)}
     return module.apply({"params": merged}, ids)
@@ -254,16 +254,16 @@ def test_adapter_set_is_an_immutable_value(mlp):
     module, params, ids, adapter = mlp
     one, two = adapter(1, 2.0), adapter(2, 4.0)
     empty = AdapterSet(params)
-    s = empty.add("one", *one).add("two", *two)
+    s = empty.add("one", one).add("two", two)
     assert (empty.names, s.names, len(s), "one" in s) == ((), ("one", "two"), 2, True)
     active = s.activate("two")
     assert (s.active, active.active) == ((), (("two", 1.0),))
     assert active.disable().active == () and active.active == (("two", 1.0),)
     assert active.remove("two").active == () and active.remove("two").names == ("one",)
     assert s.activate({"one": 1.0, "two": -0.5}).active == (("one", 1.0), ("two", -0.5))
-    assert s["one"].config is one.config and s["one"].lora is one.lora
+    assert s["one"].config is one.config and s["one"].lora_params is one.lora_params
     with pytest.raises(ValueError, match="'one' is already in the set"):
-        s.add("one", *two)
+        s.add("one", two)
     with pytest.raises(KeyError, match="no adapter 'three'"):
         s.activate("three")
     with pytest.raises(ValueError, match="weight of 'one' must be a finite number"):
@@ -272,7 +272,7 @@ def test_adapter_set_is_an_immutable_value(mlp):
         s.activate("one", "one")
     bad = {"up": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 13))}}
     with pytest.raises(ValueError, match=r"adapter 'bad': layer 'up': adapter shapes"):
-        s.add("bad", one.config, bad)
+        s.add("bad", bad, one.config)
 
 
 def test_switching_adapters_does_not_recompile(mlp):
@@ -281,13 +281,13 @@ def test_switching_adapters_does_not_recompile(mlp):
     adapters = {name: adapter(seed, alpha) for seed, (name, alpha) in enumerate(
         [("a", 1.0), ("b", 4.0), ("c", 16.0)])}
     for name, item in adapters.items():
-        s = s.add(name, *item)
+        s = s.add(name, item)
     configs = {s.activate(name).resolve().config for name in adapters}
     assert len(configs) == 1, "the resolved config must depend on structure only"
     fwd = jax.jit(lora_apply(module, configs.pop()))
     for name, item in adapters.items():
-        y = fwd(params, s.activate(name).resolve().lora, ids)
-        alone = lora_apply(module, item.config)(params, item.lora, ids)
+        y = fwd(params, s.activate(name).resolve().lora_params, ids)
+        alone = lora_apply(module, item.config)(params, item.lora_params, ids)
         assert_close(y, alone, jnp.float32, what=name)
         assert_close(y, _merged_reference(module, params, ids, [(1.0, item)]), jnp.float32, what=name)
     assert fwd._cache_size() == 1
@@ -309,14 +309,14 @@ def test_hot_swap_keeps_the_compiled_function(mlp):
     stacked = s.stack()
     fwd = jax.jit(lora_apply(module, stacked.config))
     rows = ["one", "two", None, "two", "one"]
-    fwd(params, stacked.lora, ids, adapter_ids=stacked.ids(rows))
+    fwd(params, stacked.lora_params, ids, adapter_ids=stacked.ids(rows))
     new = adapter(7, 32.0)   # same shapes, other values and alpha
-    swapped = s.replace("two", *new).stack()
-    y = fwd(params, swapped.lora, ids, adapter_ids=swapped.ids(rows))
+    swapped = s.replace("two", new).stack()
+    y = fwd(params, swapped.lora_params, ids, adapter_ids=swapped.ids(rows))
     assert fwd._cache_size() == 1
-    assert_close(y[1:2], lora_apply(module, new.config)(params, new.lora, ids[1:2]), jnp.float32)
+    assert_close(y[1:2], lora_apply(module, new.config)(params, new.lora_params, ids[1:2]), jnp.float32)
     with pytest.raises(ValueError, match=r"cannot swap adapter 'two'.*up: a \[8, 2\] b \[2, 12\] float32 -> a \[8, 3\] b \[3, 12\]"):
-        s.replace("two", *adapter(3, 2.0, rank=3))
+        s.replace("two", adapter(3, 2.0, rank=3))
 
 
 # ---- mixed-adapter batches
@@ -341,13 +341,13 @@ def test_mixed_batch_rows_match_reference(name):
                                   jax.tree.map(lambda t: jnp.asarray(np.random.default_rng(i).normal(size=t.shape),
                                                                      t.dtype), lora0))
                 for i, alpha in enumerate(alphas)}
-    stacked = stack(adapters, base_params=params)
+    stacked = stack(params, adapters)
     rows = ["ad0", "ad2", None, "ad1", "ad0"]
-    y = lora_apply(case.module, stacked.config)(params, stacked.lora, x, method=case.method,
+    y = lora_apply(case.module, stacked.config)(params, stacked.lora_params, x, method=case.method,
                                                 adapter_ids=stacked.ids(rows))
     expected, magnitude = [], []
     for i, row in enumerate(rows):
-        lora = adapters[row].lora if row else jax.tree.map(jnp.zeros_like, lora0)
+        lora = adapters[row].lora_params if row else jax.tree.map(jnp.zeros_like, lora0)
         scale = reference.scaling(alphas[int(row[-1])], 2) if row else 0.0
         expected.append(case.oracle(x[i:i + 1], params, lora["a"], lora["b"], scale))
     assert_close(y, np.concatenate(expected), jnp.float32, what=name)
@@ -358,25 +358,25 @@ def test_mixed_batch_on_a_scanned_llama_with_gradients():
     module, params = fixture_model("llama_tiny", True)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 6)), jnp.int32)
     config = LoraConfig(rank=2, alpha=4.0, targets=("attention", "mlp"))
-    shapes = jax.eval_shape(lambda: lora_jax.init_lora(config, module, params, ids, rng=jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: lora_jax.init_lora(module, params, config, ids, rng=jax.random.key(0)))
     adapters = {f"ad{i}": Adapter(dataclasses.replace(config, alpha=2.0 ** i), jax.tree.map(
         lambda s: jnp.asarray(0.1 * np.random.default_rng(i).normal(size=s.shape), s.dtype), shapes))
         for i in range(3)}
-    stacked = stack(adapters, base_params=params)
+    stacked = stack(params, adapters)
     rows = ["ad1", None, "ad0", "ad2"]
     apply = jax.jit(lora_apply(module, stacked.config))
-    y = apply(params, stacked.lora, ids, adapter_ids=stacked.ids(rows))
+    y = apply(params, stacked.lora_params, ids, adapter_ids=stacked.ids(rows))
     base_fwd = jax.jit(lambda p, x: module.apply({"params": p}, x))   # one compile serves every row
     for i, row in enumerate(rows):
-        weights = params if row is None else merge(params, adapters[row].lora, adapters[row].config)
+        weights = params if row is None else merge(params, adapters[row].lora_params, adapters[row].config)
         assert_close(y[i:i + 1], base_fwd(weights, ids[i:i + 1]), jnp.float32, what=f"row {i} ({row})")
     # training through a mixed batch: slot k's gradient is the sum over the rows that use it,
     # so one row per slot gives each adapter exactly its own gradient (dB; a carries the scale)
     loss = lambda lora, ids, slots: jnp.sum(apply(params, lora, ids, adapter_ids=slots) ** 2)
-    grads = jax.jit(jax.grad(loss))(stacked.lora, ids[:1].repeat(3, 0), jnp.arange(3))
+    grads = jax.jit(jax.grad(loss))(stacked.lora_params, ids[:1].repeat(3, 0), jnp.arange(3))
     ad1 = adapters["ad1"]
     own_loss = lambda lora: jnp.sum(lora_apply(module, ad1.config)(params, lora, ids[:1]) ** 2)
-    own = jax.jit(jax.grad(own_loss))(ad1.lora)
+    own = jax.jit(jax.grad(own_loss))(ad1.lora_params)
     got = grads["model"]["layers"]["mlp"]["down_proj"]["b"][:, 1]
     assert_close(got, own["model"]["layers"]["mlp"]["down_proj"]["b"], jnp.float32, what="dB of slot 1")
 
@@ -386,15 +386,15 @@ def test_mixed_batch_rejects_bad_ids(mlp):
     stacked = AdapterSet(params, {"one": adapter(1, 2.0), "two": adapter(2, 2.0)}).stack()
     apply = lora_apply(module, stacked.config)
     with pytest.raises(ValueError, match=r"adapter_ids \[2\] are out of range; the stacked adapter has 2 slots"):
-        apply(params, stacked.lora, ids, adapter_ids=jnp.array([0, 1, 2, -1, 0]))
+        apply(params, stacked.lora_params, ids, adapter_ids=jnp.array([0, 1, 2, -1, 0]))
     with pytest.raises(ValueError, match="5 adapter_ids|4 adapter_ids"):
-        apply(params, stacked.lora, ids, adapter_ids=jnp.array([0, 1, 1, 0]))
+        apply(params, stacked.lora_params, ids, adapter_ids=jnp.array([0, 1, 1, 0]))
     with pytest.raises(ValueError, match="1-D integer array"):
-        apply(params, stacked.lora, ids, adapter_ids=jnp.zeros(5))
+        apply(params, stacked.lora_params, ids, adapter_ids=jnp.zeros(5))
     with pytest.raises(KeyError, match=r"\['three'\] are not in this stack"):
         stacked.ids(["one", "three"])
     # under jit the ids are traced: an out-of-range row turns to NaN, the others are untouched
-    y = jax.jit(apply)(params, stacked.lora, ids, adapter_ids=jnp.array([0, 7, -1, -3, 1]))
+    y = jax.jit(apply)(params, stacked.lora_params, ids, adapter_ids=jnp.array([0, 7, -1, -3, 1]))
     finite = np.isfinite(np.asarray(y)).all(axis=(1, 2))
     assert finite.tolist() == [True, False, True, False, True]
 
@@ -405,7 +405,7 @@ def test_hot_swap_from_a_peft_folder(tmp_path):
 
     def trained(seed, alpha, rank=2):
         config = LoraConfig(rank=rank, alpha=alpha, targets=("attention",))
-        shapes = jax.eval_shape(lambda: lora_jax.init_lora(config, module, params, ids, rng=jax.random.key(0)))
+        shapes = jax.eval_shape(lambda: lora_jax.init_lora(module, params, config, ids, rng=jax.random.key(0)))
         r = np.random.default_rng(seed)
         return Adapter(config, jax.tree.map(lambda s: jnp.asarray(0.1 * r.normal(size=s.shape), s.dtype), shapes))
 
@@ -413,15 +413,15 @@ def test_hot_swap_from_a_peft_folder(tmp_path):
     stacked = s.stack()
     fwd = jax.jit(lora_apply(module, stacked.config))
     slots = stacked.ids(["live", "other"])
-    fwd(params, stacked.lora, ids, adapter_ids=slots)
+    fwd(params, stacked.lora_params, ids, adapter_ids=slots)
     new = trained(2, 16.0)
-    save_peft(tmp_path / "new", new.lora, new.config, base_params=params)
+    save_peft(tmp_path / "new", params, new.lora_params, new.config)
     s = s.load_peft("live", tmp_path / "new", replace=True)
-    y = fwd(params, s.stack().lora, ids, adapter_ids=slots)
+    y = fwd(params, s.stack().lora_params, ids, adapter_ids=slots)
     assert fwd._cache_size() == 1
-    assert_close(y[:1], lora_apply(module, new.config)(params, new.lora, ids[:1]), jnp.float32)
+    assert_close(y[:1], lora_apply(module, new.config)(params, new.lora_params, ids[:1]), jnp.float32)
     wider = trained(3, 4.0, rank=4)
-    save_peft(tmp_path / "wider", wider.lora, wider.config, base_params=params)
+    save_peft(tmp_path / "wider", params, wider.lora_params, wider.config)
     with pytest.raises(ValueError, match=r"cannot swap adapter 'live' without recompiling.*q_proj"):
         s.load_peft("live", tmp_path / "wider", replace=True)
     assert load_peft(tmp_path / "wider").config.rank == 4
@@ -430,8 +430,70 @@ def test_hot_swap_from_a_peft_folder(tmp_path):
 def test_resolved_config_does_not_depend_on_key_order(mlp):
     module, params, ids, adapter = mlp
     one = adapter(1, 2.0)
-    reordered = Adapter(one.config, {k: one.lora[k] for k in reversed(list(one.lora))})
-    assert list(reordered.lora) != list(one.lora)
+    reordered = Adapter(one.config, {k: one.lora_params[k] for k in reversed(list(one.lora_params))})
+    assert list(reordered.lora_params) != list(one.lora_params)
     first = AdapterSet(params, {"x": one}).activate("x").resolve().config
     second = AdapterSet(params, {"x": reordered}).activate("x").resolve().config
     assert first == second
+
+
+# ---- the 0.1 spellings: each warns and gives what the 0.2 spelling gives
+
+
+def _same_trees(x, y):
+    assert jax.tree.structure(x) == jax.tree.structure(y)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+def _two_adapters():
+    adapters, _ = _build([dict(layers=["q", "blk/k"], rank=2, alpha=2.0, rslora=False, override=None),
+                          dict(layers=["q", "v"], rank=3, alpha=4.0, rslora=True, override=None)], seed=4)
+    return adapters, _base(np.random.default_rng(4))
+
+
+def test_combine_in_the_old_order_warns_and_agrees():
+    adapters, base = _two_adapters()
+    new = combine(base, adapters, [0.5, -1.0], method="svd", rank=2)
+    with pytest.warns(DeprecationWarning, match=r"combine\(adapters, weights, base_params=...\) is deprecated"):
+        old = combine(adapters, [0.5, -1.0], base_params=base, method="svd", rank=2)
+    assert old.config == new.config and old.errors == new.errors
+    _same_trees(old.lora_params, new.lora_params)
+
+
+def test_stack_in_the_old_order_warns_and_agrees():
+    adapters, base = _two_adapters()
+    named = dict(zip("xy", adapters))
+    new = stack(base, named)
+    with pytest.warns(DeprecationWarning, match=r"use stack\(base_params, adapters\)"):
+        old = stack(named, base_params=base)
+    assert (old.config, old.names) == (new.config, new.names)
+    _same_trees(old.lora_params, new.lora_params)
+
+
+def test_combined_and_stacked_lora_warn_and_return_lora_params():
+    adapters, base = _two_adapters()
+    combined, stacked = combine(base, adapters), stack(base, dict(zip("xy", adapters)))
+    with pytest.warns(DeprecationWarning, match=r"Combined.lora is deprecated .* use Combined.lora_params"):
+        assert combined.lora is combined.lora_params
+    with pytest.warns(DeprecationWarning, match=r"Stacked.lora is deprecated .* use Stacked.lora_params"):
+        assert stacked.lora is stacked.lora_params
+
+
+def test_adapter_set_add_in_the_old_order_warns_and_agrees():
+    (one, two), base = _two_adapters()
+    new = AdapterSet(base).add("one", one.lora_params, one.config).add("two", two)
+    with pytest.warns(DeprecationWarning, match=r"AdapterSet.add\(name, config, lora\) is deprecated"):
+        old = AdapterSet(base).add("one", one.config, one.lora_params)
+    with pytest.warns(DeprecationWarning, match=r"use AdapterSet.add\(name, lora_params, config\)"):
+        old = old.add("two", config=two.config, lora=two.lora_params)
+    assert old.names == new.names and all(old[n] == new[n] for n in new.names)
+
+
+def test_adapter_set_replace_in_the_old_order_warns_and_agrees():
+    (one, _), base = _two_adapters()
+    other = Adapter(dataclasses.replace(one.config, alpha=8.0), jax.tree.map(lambda x: 2 * x, one.lora_params))
+    s = AdapterSet(base, {"one": one})
+    new = s.replace("one", other.lora_params, other.config)
+    with pytest.warns(DeprecationWarning, match=r"AdapterSet.replace\(name, config, lora\) is deprecated"):
+        old = s.replace("one", other.config, other.lora_params)
+    assert old["one"] == new["one"] == other
