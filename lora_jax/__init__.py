@@ -11,18 +11,39 @@ attaches adapters to Flax NNX models; ``lora_jax.sharding`` lays base and
 adapters out over a device mesh for sharded training and merging.
 """
 
-from lora_jax import analysis, backend, core, functional, inits, io, models, multi, nnx, optim, reference, sharding
+import importlib
+
+from lora_jax import deprecation
 from lora_jax.adapter_set import AdapterSet
-from lora_jax.config import LoraConfig
+from lora_jax.config import Adapter, LoraConfig
 from lora_jax.functional import init_lora_fn, lora_apply_fn, merge_fn, unmerge_fn
 from lora_jax.linen import find_layers, init_lora, lora_apply
-from lora_jax.multi import Adapter, Combined, Stacked, combine, stack
+from lora_jax.multi import Combined, Stacked, combine, stack
 from lora_jax.report import Summary, summary
 from lora_jax.targets import Layer, select
 from lora_jax.train import make_full_train_step, make_train_step
-from lora_jax.tree import adapter_paths, adapters, count_params, merge, unmerge
+from lora_jax.tree import adapter_paths, adapter_nodes, count_params, merge, unmerge
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Submodules loaded on first use (PEP 562), so that ``import lora_jax`` costs little more than
+# ``import jax, flax, optax`` and loads no optional dependency: ``io`` brings orbax and safetensors,
+# ``nnx`` brings flax.nnx, ``sharding``/``analysis``/``inits``/``quant`` are not needed to train an adapter.
+_SUBMODULES = ("analysis", "backend", "core", "factors", "functional", "inits", "io", "kinds", "models", "multi",
+               "nnx", "optim", "quant", "reference", "sharding")
+# Names renamed in 0.2, served for one release with a DeprecationWarning (not in __all__ or dir()).
+_DEPRECATED = deprecation.module_getattr(__name__, {"adapters": (lambda: adapter_nodes, "lora_jax.adapter_nodes")})
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lora_jax.{name}")   # also binds it as an attribute of the package
+    return _DEPRECATED(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "Adapter",
@@ -32,19 +53,21 @@ __all__ = [
     "Layer",
     "Stacked",
     "Summary",
+    "adapter_nodes",
     "adapter_paths",
-    "adapters",
     "analysis",
     "backend",
     "combine",
     "core",
     "count_params",
+    "factors",
     "find_layers",
     "functional",
     "init_lora",
     "init_lora_fn",
     "inits",
     "io",
+    "kinds",
     "lora_apply",
     "lora_apply_fn",
     "make_full_train_step",
@@ -55,6 +78,7 @@ __all__ = [
     "multi",
     "nnx",
     "optim",
+    "quant",
     "reference",
     "select",
     "sharding",

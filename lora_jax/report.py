@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import weight_name, adapters, count_params, get_path
+from lora_jax.tree import weight_name, adapter_nodes, count_params, get_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def summary(base_params, lora_params, config: LoraConfig | None = None, *,
     2.0
     """
     rows = []
-    for path, node in adapters(lora_params).items():
+    for path, node in adapter_nodes(lora_params).items():
         name = "/".join(path)
         base_node = get_path(base_params, path)
         w = base_node[weight_name(base_node, path)]
@@ -101,7 +101,7 @@ def compiled_memory(compiled) -> dict:
     """
     try:
         stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+    except (NotImplementedError, RuntimeError):  # some backends raise (XLA's UNIMPLEMENTED) instead of returning None
         stats = None
     out = {field: getattr(stats, field, None) if stats is not None else None for field in MEMORY_FIELDS}
     parts = [out["argument_size_in_bytes"], out["output_size_in_bytes"], out["temp_size_in_bytes"]]

@@ -31,10 +31,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lora_jax import train
+from lora_jax import deprecation, train
 from lora_jax.config import LoraConfig
 from lora_jax.hlo import KINDS, Collective, Collectives, collectives  # noqa: F401 - re-exported
-from lora_jax.tree import adapted_layers, get_path, merge, set_path, unmerge
+from lora_jax.tree import adapted_layers, adapter_nodes, get_path, merge, set_path, unmerge
 
 Rule = tuple[str, P]
 _AxisType = getattr(jax.sharding, "AxisType", None)   # JAX >= 0.5; before it every axis is Auto
@@ -171,7 +171,7 @@ def _like(sharding, spec: tuple):
     return P(*spec) if isinstance(sharding, P) else NamedSharding(sharding.mesh, P(*spec))
 
 
-def lora_shardings(lora_params, base_params, shardings=None) -> Any:
+def lora_shardings(base_params, lora_params, shardings=None) -> Any:
     """The shardings of the adapters: each follows the weight it adapts.
 
     ``A`` ``[lead..., in..., r]`` gets the weight's specs of its lead and input
@@ -179,9 +179,9 @@ def lora_shardings(lora_params, base_params, shardings=None) -> Any:
     rank axis is replicated.
 
     Args:
-      lora_params: the adapters (arrays or ``ShapeDtypeStruct``s).
       base_params: the frozen params (arrays or ``ShapeDtypeStruct``s; their
         shapes tell each weight's lead/in/out split).
+      lora_params: the adapters (arrays or ``ShapeDtypeStruct``s).
       shardings: ``base_params``' shardings (``NamedSharding`` or
         ``PartitionSpec`` leaves); by default each base leaf's own ``.sharding``.
 
@@ -195,10 +195,14 @@ def lora_shardings(lora_params, base_params, shardings=None) -> Any:
     >>> import jax.numpy as jnp
     >>> base = {"q": {"kernel": jnp.zeros((8, 6))}}
     >>> lora = {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}}
-    >>> sh = lora_shardings(lora, base, {"q": {"kernel": P("data", "model")}})
+    >>> sh = lora_shardings(base, lora, {"q": {"kernel": P("data", "model")}})
     >>> tuple(sh["q"]["a"]), tuple(sh["q"]["b"])
     (('data', None), (None, 'model'))
     """
+    if adapter_nodes(base_params) and not adapter_nodes(lora_params):   # the order of 0.1: (lora_params, base_params)
+        deprecation.warn("lora_shardings(lora_params, base_params, ...)",
+                         "lora_shardings(base_params, lora_params, ...)")
+        base_params, lora_params = lora_params, base_params
     if shardings is None:
         shardings = jax.tree.map(lambda leaf: getattr(leaf, "sharding", None), base_params)
     out: dict = {}
@@ -271,26 +275,29 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, lora_params, lo
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The shardings of one sharded LoRA run: ``base``, ``lora``, ``opt_state`` trees and the ``batch``'s."""
+    """The shardings of one sharded LoRA run: its ``base_params``, ``lora_params``, ``opt_state`` and ``batch``."""
 
     mesh: Any
-    base: Any
-    lora: Any
+    base_params: Any
+    lora_params: Any
     opt_state: Any
     batch: NamedSharding
+
+    base = deprecation.renamed_attribute("Plan", "base", "base_params")
+    lora = deprecation.renamed_attribute("Plan", "lora", "lora_params")
 
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
     def place(self, base_params, lora_params, opt_state):
-        """``(base, lora, opt_state)`` put on their shardings (a copy; the inputs stay valid).
+        """``(base_params, lora_params, opt_state)`` put on their shardings (a copy; the inputs stay valid).
 
         Each process passes the same full values (as when every host loads the
         same checkpoint); for arrays too large for one host, create them under
         ``jax.jit`` with ``out_shardings`` instead.
         """
-        return jax.device_put((base_params, lora_params, opt_state), (self.base, self.lora, self.opt_state),
+        return jax.device_put((base_params, lora_params, opt_state), (self.base_params, self.lora_params, self.opt_state),
                               may_alias=False)
 
     def shard_batch(self, local_batch):
@@ -314,11 +321,11 @@ def plan(mesh, base_params, lora_params, optimizer: optax.GradientTransformation
     >>> base = {"q_proj": {"kernel": jnp.zeros((4, 6))}}
     >>> lora = {"q_proj": {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 6))}}
     >>> p = plan(make_mesh((1, 1)), base, lora, optax.sgd(0.1), "fsdp_tp")
-    >>> tuple(p.lora["q_proj"]["a"].spec), tuple(p.batch.spec)
+    >>> tuple(p.lora_params["q_proj"]["a"].spec), tuple(p.batch.spec)
     (('data', None), ('data',))
     """
     base = base_shardings(base_params, mesh, rule_set)
-    lora = lora_shardings(lora_params, base_params, base)
+    lora = lora_shardings(base_params, lora_params, base)
     batch_axes = batch_axes if isinstance(batch_axes, str) else tuple(batch_axes)
     return Plan(mesh, base, lora, opt_state_shardings(optimizer, lora_params, lora), NamedSharding(mesh, P(batch_axes)))
 
@@ -335,8 +342,8 @@ def make_sharded_train_step(apply: Callable, loss_fn: Callable, optimizer: optax
     """
     s = shardings
     return train.jit_step(train.step_function(apply, loss_fn, optimizer, has_aux), donate=donate,
-                          in_shardings=(s.lora, s.opt_state, s.base, s.batch, s.replicated),
-                          out_shardings=(s.lora, s.opt_state, s.replicated))
+                          in_shardings=(s.lora_params, s.opt_state, s.base_params, s.batch, s.replicated),
+                          out_shardings=(s.lora_params, s.opt_state, s.replicated))
 
 
 def _placement(tree):
@@ -366,12 +373,7 @@ def sharded_merge(base_params, lora_params, config: LoraConfig, *, donate: bool 
     >>> sharded_merge(base, lora, LoraConfig(rank=2, alpha=4))["q"]["kernel"][0]
     Array([4., 4., 4.], dtype=float32)
     """
-    return _cached_merge(config, *_flat_placement(base_params), donate, False)(base_params, lora_params)
-
-
-def sharded_unmerge(merged_params, lora_params, config: LoraConfig, *, donate: bool = False) -> Any:
-    """:func:`lora_jax.unmerge` on a sharded base; each weight keeps its sharding."""
-    return _cached_merge(config, *_flat_placement(merged_params), donate, True)(merged_params, lora_params)
+    return _cached_merge(config, *_flat_placement(base_params), donate)(base_params, lora_params)
 
 
 def _flat_placement(tree):
@@ -380,6 +382,6 @@ def _flat_placement(tree):
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_merge(config, treedef, leaves, donate, inverse):
+def _cached_merge(config, treedef, leaves, donate):
     # one jitted function per (config, layout): repeated merges (adapter switching) compile once
-    return make_sharded_merge(config, jax.tree.unflatten(treedef, leaves), donate=donate, inverse=inverse)
+    return make_sharded_merge(config, jax.tree.unflatten(treedef, leaves), donate=donate)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -56,7 +56,7 @@ def make_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.Gradien
     >>> model, x = nn.Dense(3), jnp.ones((2, 4))
     >>> params = model.init(jax.random.key(0), x)["params"]
     >>> cfg = LoraConfig(rank=2, targets="re:.*")
-    >>> lora = init_lora(cfg, model, params, x, rng=jax.random.key(1))
+    >>> lora = init_lora(model, params, cfg, x, rng=jax.random.key(1))
     >>> tx = optax.sgd(0.1)
     >>> step = make_train_step(lora_apply(model, cfg), lambda m, x: (m(x) ** 2).mean(), tx)
     >>> lora, state, metrics = step(lora, tx.init(lora), params, x)
@@ -95,17 +95,28 @@ def jit_step(step: Callable, *, donate: bool = True, in_shardings=None, out_shar
     donate_argnums = (0, 1) if donate else ()
     given = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
     jitted = jax.jit(step, donate_argnums=donate_argnums, compiler_options=compiler_options, **given)
-    if in_shardings is None:
-        return jitted
+    return jitted if in_shardings is None else PositionalStep(jitted)
 
-    @functools.wraps(step)
-    def call(lora_params, opt_state, base_params, batch, rng=None):
-        return jitted(lora_params, opt_state, base_params, batch, rng)
 
-    call.lower = lambda lora_params, opt_state, base_params, batch, rng=None: jitted.lower(
-        lora_params, opt_state, base_params, batch, rng)
-    call.jitted = jitted
-    return call
+@dataclasses.dataclass(frozen=True)
+class PositionalStep:
+    """A step jitted with ``in_shardings``, callable (and lowerable) with ``rng`` left out.
+
+    ``jax.jit`` with ``in_shardings`` takes every argument positionally, one
+    per sharding; this passes ``rng=None`` on for the caller.
+
+    Attributes:
+      jitted: the ``jax.jit`` function of five positional arguments.
+    """
+
+    jitted: Callable
+
+    def __call__(self, lora_params, opt_state, base_params, batch, rng=None):
+        return self.jitted(lora_params, opt_state, base_params, batch, rng)
+
+    def lower(self, lora_params, opt_state, base_params, batch, rng=None):
+        """``jitted.lower(...)``: the program for ahead-of-time compilation or inspection."""
+        return self.jitted.lower(lora_params, opt_state, base_params, batch, rng)
 
 
 def make_full_train_step(apply: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation, *,

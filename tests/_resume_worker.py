@@ -47,7 +47,7 @@ def build():
     rng = np.random.default_rng(0)
     base = jax.tree.map(_normal(rng, 0.3), jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
     # Nonzero B from the start, so that dropout changes every gradient.
-    lora = jax.eval_shape(lambda: L.init_lora(LORA, model, base, ids, rng=jax.random.key(1)))
+    lora = jax.eval_shape(lambda: L.init_lora(model, base, LORA, ids, rng=jax.random.key(1)))
     lora = jax.tree.map(_normal(rng, 0.1), lora)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-2))
     step_fn = L.make_train_step(L.lora_apply(model, LORA), lambda m, x: causal_lm_loss(m(x), x), tx)
@@ -66,7 +66,7 @@ def build():
 def train(state, until, step_fn, base, batch_of, ckpt=None, every=0, kill_at=None):
     while state.step < until:
         rng, step_rng = jax.random.split(state.rng)
-        lora, opt_state, _ = step_fn(state.lora, state.opt_state, base, batch_of(state.step), step_rng)
+        lora, opt_state, _ = step_fn(state.lora_params, state.opt_state, base, batch_of(state.step), step_rng)
         state = TrainState(lora, opt_state, state.step + 1, rng)
         if ckpt is not None and state.step % every == 0:
             ckpt.save(state, base=base)
@@ -78,7 +78,7 @@ def train(state, until, step_fn, base, batch_of, ckpt=None, every=0, kill_at=Non
 
 
 def dump(state, path):
-    flat = jax.tree_util.tree_flatten_with_path({"lora": state.lora, "opt_state": state.opt_state})[0]
+    flat = jax.tree_util.tree_flatten_with_path({"lora": state.lora_params, "opt_state": state.opt_state})[0]
     arrays = {jax.tree_util.keystr(kp, simple=True, separator="/"): np.asarray(leaf) for kp, leaf in flat}
     np.savez(path, rng=np.asarray(jax.random.key_data(state.rng)), step=np.asarray(state.step), **arrays)
 

@@ -89,7 +89,7 @@ def main(out_path, ckpt_dir, extra=False):
     ids = np.zeros((BATCH, SEQ), np.int32)
     model = LlamaForCausalLM(MODEL)
     base = _values(jax.eval_shape(model.init, jax.random.key(0), ids)["params"], rng, 0.1)
-    lora = _values(jax.eval_shape(lambda: L.init_lora(LORA, model, base, ids, rng=jax.random.key(1))), rng, 0.1)
+    lora = _values(jax.eval_shape(lambda: L.init_lora(model, base, LORA, ids, rng=jax.random.key(1))), rng, 0.1)
     batches = [rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)).astype(np.int32) for _ in range(STEPS)]
     # SGD, not Adam: Adam divides each gradient entry by its own magnitude, so the float32 noise of the
     # tiny entries (relative 1e-3 for entries 1e-4 of the largest) would become differences of lr * 1e-3
@@ -145,7 +145,7 @@ def main(out_path, ckpt_dir, extra=False):
             "mesh": list(shape), "strategy": strategy, "scan": scan, "losses": losses, "grad_norms": norms,
             "lora_max_abs_diff": diff, "lora_max_abs": peak,
             "update_max_abs_diff": update_diff, "update_max_abs": update_peak,
-            "lora_specs": {k: _spec(v) for k, v in _flat(plan.lora).items()},
+            "lora_specs": {k: _spec(v) for k, v in _flat(plan.lora_params).items()},
             "lora_actual_specs": {k: _spec(v.sharding) for k, v in _flat(lo_s).items()},
             "base_specs": {k: _spec(v) for k, v in _flat(plan.base).items()},
             "opt_state_specs": {k: _spec(v) for k, v in _flat(plan.opt_state).items()},
@@ -164,7 +164,7 @@ def main(out_path, ckpt_dir, extra=False):
     for name in MERGE_CASES:
         plan, b_s, _, _ = placed[name]
         scan = CASES[name][2]
-        lo_s = jax.device_put(_stack_layers(ref_lora) if scan else ref_lora, plan.lora)
+        lo_s = jax.device_put(_stack_layers(ref_lora) if scan else ref_lora, plan.lora_params)
         merge = S.make_sharded_merge(LORA, plan.base)
         compiled = merge.lower(b_s, lo_s).compile()
         merged = compiled(b_s, lo_s)
@@ -188,12 +188,12 @@ def main(out_path, ckpt_dir, extra=False):
                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_s), 0)
     with Checkpointer(ckpt_dir) as ckpt:
         back = ckpt.restore(like)
-    pairs = list(zip(jax.tree.leaves((back.lora, back.opt_state)), jax.tree.leaves((lo_s, opt_s))))
+    pairs = list(zip(jax.tree.leaves((back.lora_params, back.opt_state)), jax.tree.leaves((lo_s, opt_s))))
     result["checkpoint"] = {
         "case": CHECKPOINT_CASE, "leaves": len(pairs), "step": back.step,
         "values_equal": sum(bool(np.array_equal(jax.device_get(a), jax.device_get(b))) for a, b in pairs),
         "shardings_equal": sum(a.sharding == b.sharding for a, b in pairs),
-        "restored_specs": {k: _spec(v.sharding) for k, v in _flat(back.lora).items()},
+        "restored_specs": {k: _spec(v.sharding) for k, v in _flat(back.lora_params).items()},
         "seconds": time.perf_counter() - t1}
     result["seconds"] = time.perf_counter() - t0
     with open(out_path, "w") as f:

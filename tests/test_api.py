@@ -41,6 +41,43 @@ def test_subpackage_all_is_importable(package):
     assert all(hasattr(mod, name) for name in mod.__all__) and len(mod.__all__) == len(set(mod.__all__))
 
 
+OPTIONAL = ("orbax", "safetensors", "rich", "tokenizers", "matplotlib", "flax.nnx")
+
+
+def _loaded_after(statement: str) -> set[str]:
+    """The modules of ``OPTIONAL`` (and lora_jax's own) loaded by ``statement`` in a fresh interpreter."""
+    code = f"import sys; {statement}; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}).stdout.split()
+    return {m for m in out if m.startswith("lora_jax") or any(m == o or m.startswith(o + ".") for o in OPTIONAL)}
+
+
+def test_import_loads_no_optional_dependency():
+    frameworks = {m for m in _loaded_after("import jax, flax, optax") if not m.startswith("lora_jax")}
+    loaded = _loaded_after("import lora_jax")
+    heavy = {m.split(".")[0] if not m.startswith("flax.nnx") else "flax.nnx" for m in loaded - frameworks
+             if not m.startswith("lora_jax")}
+    assert heavy == set(), heavy
+    for name in ("orbax", "safetensors", "tokenizers", "matplotlib", "flax.nnx"):   # flax itself loads rich
+        assert name not in loaded, name
+    lazy = {"lora_jax.io", "lora_jax.io.checkpoint", "lora_jax.nnx", "lora_jax.sharding", "lora_jax.models",
+            "lora_jax.quant", "lora_jax.analysis", "lora_jax.inits", "lora_jax.app"}
+    assert loaded & lazy == set(), loaded & lazy
+
+
+def test_io_loads_orbax_only_for_checkpoints():
+    loaded = _loaded_after("from lora_jax.io import load_peft, save_peft")
+    assert not any(m.startswith("orbax") for m in loaded)
+    assert "lora_jax.io.checkpoint" in _loaded_after("from lora_jax.io import Checkpointer")
+
+
+def test_submodules_load_on_first_use():
+    assert lora_jax.quant is sys.modules["lora_jax.quant"] is importlib.import_module("lora_jax.quant")
+    assert {"io", "nnx", "quant", "sharding"} <= set(dir(lora_jax))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lora_jax.nope
+
+
 def test_backend_cpu_and_auto():
     assert backend.use("cpu").platform == "cpu"
     assert backend.current().platform == "cpu"

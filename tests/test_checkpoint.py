@@ -47,7 +47,7 @@ def test_round_trip_is_exact_and_keeps_types(tmp_path, rng):
     with Checkpointer(tmp_path) as ckpt:
         back = ckpt.restore(like, base=BASE)
     assert back.step == 7 and isinstance(back.step, int)
-    _assert_equal_trees(back.lora, state.lora)
+    _assert_equal_trees(back.lora_params, state.lora_params)
     # the optax state classes come back (treedefs compare node types), with every value
     _assert_equal_trees(back.opt_state, state.opt_state)
     assert type(back.opt_state[1][0]) is optax.ScaleByAdamState
@@ -66,13 +66,13 @@ def test_round_trip_is_exact_and_keeps_types(tmp_path, rng):
 
 def test_array_step_and_abstract_like(tmp_path):
     state = _state()
-    state = TrainState(state.lora, state.opt_state, jnp.asarray(12, jnp.int32), state.rng)
+    state = TrainState(state.lora_params, state.opt_state, jnp.asarray(12, jnp.int32), state.rng)
     like = jax.eval_shape(lambda: state)  # every leaf a ShapeDtypeStruct, the key included
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(state)
         back = ckpt.restore(like)
     assert back.step.dtype == jnp.int32 and int(back.step) == 12
-    _assert_equal_trees(back.lora, state.lora)
+    _assert_equal_trees(back.lora_params, state.lora_params)
     np.testing.assert_array_equal(jax.random.key_data(back.rng), jax.random.key_data(state.rng))
 
 
@@ -87,15 +87,15 @@ def test_restore_a_given_step_and_prune_old_ones(tmp_path):
         with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 1 in .*saved steps: \[3, 4\]"):
             ckpt.restore(_state(), step=1)
     assert third.step == 3 and latest.step == 4
-    _assert_equal_trees(third.lora, _state(seed=3).lora)
-    _assert_equal_trees(latest.lora, _state(seed=4).lora)
+    _assert_equal_trees(third.lora_params, _state(seed=3).lora_params)
+    _assert_equal_trees(latest.lora_params, _state(seed=4).lora_params)
 
 
 def test_saving_a_step_twice_writes_nothing_and_an_older_step_is_refused(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.save(_state(seed=0, step=5))
         assert not ckpt.save(_state(seed=1, step=5))
-        _assert_equal_trees(ckpt.restore(_state()).lora, _state(seed=0).lora)
+        _assert_equal_trees(ckpt.restore(_state()).lora_params, _state(seed=0).lora_params)
         with pytest.raises(ValueError, match=r"cannot save step 4 .* already holds the newer step 5"):
             ckpt.save(_state(step=4))
 
@@ -142,21 +142,21 @@ def test_like_that_does_not_fit_is_refused_with_the_path(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(_state())
         state = _state()
-        extra = {"blk": {**state.lora["blk"], "k": state.lora["blk"]["q"]}}
+        extra = {"blk": {**state.lora_params["blk"], "k": state.lora_params["blk"]["q"]}}
         with pytest.raises(ValueError, match=r"'lora/blk/k/a' is not in the checkpoint"):
             ckpt.restore(TrainState(extra, TX.init(extra), 0, state.rng))
         rank4 = {"blk": {"q": {"a": jnp.zeros((4, 4)), "b": jnp.zeros((4, 3))}}}
         with pytest.raises(ValueError, match=r"'lora/blk/q/a' is float32\[4, 4\], expected float32\[4, 2\]"):
             ckpt.restore(TrainState(rank4, TX.init(rank4), 0, state.rng))
         # orbax alone would cast this silently; a resumed run must not change dtype
-        half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.lora)
+        half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.lora_params)
         with pytest.raises(ValueError, match=r"'lora/blk/q/a' is bfloat16\[4, 2\], expected float32\[4, 2\]"):
             ckpt.restore(TrainState(half, state.opt_state, 0, state.rng))
         sgd = optax.sgd(0.1, momentum=0.9)
         with pytest.raises(ValueError, match=r"'opt_state/1/0/count' is missing"):
-            ckpt.restore(TrainState(state.lora, sgd.init(state.lora), 0, state.rng))
+            ckpt.restore(TrainState(state.lora_params, sgd.init(state.lora_params), 0, state.rng))
         with pytest.raises(ValueError, match=r"'rng' was saved as typed key, but like.rng is raw"):
-            ckpt.restore(TrainState(state.lora, state.opt_state, 0, jax.random.PRNGKey(0)))
+            ckpt.restore(TrainState(state.lora_params, state.opt_state, 0, jax.random.PRNGKey(0)))
 
 
 def test_directory_size_counts_the_files(tmp_path):
@@ -169,7 +169,7 @@ def test_directory_size_counts_the_files(tmp_path):
         ckpt.save(state)
         size = directory_size(ckpt.step_directory(7))
     # at least the arrays themselves, at most metadata of a few tens of kB on top
-    payload = sum(np.asarray(x).nbytes for x in jax.tree.leaves((state.lora, state.opt_state)))
+    payload = sum(np.asarray(x).nbytes for x in jax.tree.leaves((state.lora_params, state.opt_state)))
     assert payload <= size < payload + 100_000, (payload, size)
 
 

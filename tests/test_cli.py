@@ -14,17 +14,18 @@ import re
 import runpy
 import shutil
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import cli
-from lora_jax.cli_data import ByteTokenizer, check_adapter_fits, fingerprint, window_batch
+from lora_jax import factors
+from lora_jax.app import cli
+from lora_jax.app.cli_data import ByteTokenizer, check_adapter_fits, fingerprint, window_batch
 from lora_jax.io import Checkpointer, TrainState, load_peft
 from lora_jax.io import tensors as st
+from lora_jax.linen import lora_apply
 from lora_jax.models import from_pretrained, generate
 from tests.tolerances import assert_close
 
@@ -100,21 +101,21 @@ def test_train_writes_a_peft_adapter_that_fits_the_base(trained, paths, base):
     assert "step 2/4: loss" in stderr and "step 4/4: loss" in stderr
     module, params = base
     adapter = load_peft(out)
-    check_adapter_fits(adapter.lora, params, out)
+    check_adapter_fits(adapter.lora_params, params, out)
     with open(os.path.join(out, "adapter_config.json")) as f:
         peft = json.load(f)
     assert (peft["task_type"], peft["base_model_name_or_path"], peft["r"], peft["lora_alpha"]) == \
         ("CAUSAL_LM", paths["model"], 8, 16.0)
     assert len(peft["target_modules"]) == 14   # 2 layers x (q, k, v, o, gate, up, down)
     assert adapter.config.scaling("model/layers_0/self_attn/q_proj") == 2.0
-    b = adapter.lora["model"]["layers_1"]["mlp"]["down_proj"]["b"]
+    b = adapter.lora_params["model"]["layers_1"]["mlp"]["down_proj"]["b"]
     assert np.abs(b).max() > 0   # B starts at zero; training moved it
     # The PEFT file holds exactly the adapters of the last checkpoint.
-    like = TrainState(adapter.lora, cli._optimizer(1e-3, 0.01, 1.0).init(adapter.lora), 0, jax.random.key(0))
+    like = TrainState(adapter.lora_params, cli._optimizer(1e-3, 0.01, 1.0).init(adapter.lora_params), 0, jax.random.key(0))
     with Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
         last = ckpt.restore(like, base=params)
     assert last.step == 4
-    for x, y in zip(jax.tree.leaves(last.lora), jax.tree.leaves(adapter.lora)):
+    for x, y in zip(jax.tree.leaves(last.lora_params), jax.tree.leaves(adapter.lora_params)):
         np.testing.assert_array_equal(np.asarray(x), y)
 
 
@@ -157,7 +158,7 @@ def test_merge_writes_a_folder_with_the_unmerged_logits(trained, paths, base, tm
     ids = jnp.asarray([list(b"LoRA keeps frozen")[:16]], jnp.int32)
     # The jitted forwards the command used for its own check: this input's shape is its probe's, so no
     # recompilation; the folder is read back here independently.
-    expected = cli._forward(module, adapter.config)(params, adapter.lora, ids)
+    expected = cli._forward(module, adapter.config)(params, adapter.lora_params, ids)
     assert_close(cli._forward(merged_module, None)(merged, None, ids), expected, what="merged vs unmerged logits")
     base_logits = cli._forward(module, None)(params, None, ids)
     assert float(jnp.max(jnp.abs(expected - base_logits))) > 1e-4   # the adapter changes the logits
@@ -174,8 +175,10 @@ def test_generate_is_greedy_by_default_and_matches_the_library(trained, paths, b
     assert run(*argv)[1] == first
     module, params = base
     adapter = load_peft(trained[0])
-    tokens = generate(module, params, jnp.asarray([list(b"LoRA keeps")], jnp.int32), max_new_tokens=8,
-                      lora=adapter.lora, config=adapter.config, eos_token_id=2)
+    adapted = lora_apply(module, adapter.config)
+    tokens = generate(module, (params, adapter.lora_params), jnp.asarray([list(b"LoRA keeps")], jnp.int32),
+                      max_new_tokens=8, eos_token_id=2,
+                      apply=lambda p, ids, cache: adapted(p[0], p[1], ids, cache=cache))
     new = np.asarray(tokens)[0, len("LoRA keeps"):].tolist()
     new = new[:new.index(2)] if 2 in new else new
     assert first == ByteTokenizer().decode(new) + "\n"
@@ -197,7 +200,7 @@ def test_inspect_prints_per_layer_ranks_and_singular_values():
     adapter = load_peft(PATTERNS)
     for name, row in rows.items():
         path = name.replace("layers.", "layers_").replace(".", "/")
-        node = adapter.lora
+        node = adapter.lora_params
         for key in path.split("/"):
             node = node[key]
         scale = adapter.config.scaling(path, node["a"].shape[-1])
@@ -207,14 +210,14 @@ def test_inspect_prints_per_layer_ranks_and_singular_values():
 
 
 @pytest.mark.parametrize("shape", [(12, 3, 7), (5, 5, 9), (40, 1, 4), (6, 4, 4)])
-def test_delta_singular_values_match_a_dense_svd(shape):
+def test_inspect_singular_values_match_a_dense_svd(shape):
     d_in, r, d_out = shape
     rng = np.random.default_rng(sum(shape))
     a, b = rng.normal(size=(d_in, r)), rng.normal(size=(r, d_out))
-    sigma = cli.delta_singular_values(a, b, 0.7)
+    sigma = factors.singular_values(a, b, 0.7)   # what inspect reports
     dense = np.linalg.svd(0.7 * a @ b, compute_uv=False)[:r]
     np.testing.assert_allclose(sigma, dense, rtol=1e-10, atol=1e-12)
-    rank_one = cli.delta_singular_values(a[:, :1] @ np.ones((1, r)), b, 2.0)   # a of rank 1
+    rank_one = factors.singular_values(a[:, :1] @ np.ones((1, r)), b, 2.0)   # a of rank 1
     assert rank_one[0] > 0 and np.all(rank_one[1:] < 1e-12 * rank_one[0])
 
 
@@ -378,12 +381,6 @@ def test_top_level_help_lists_the_commands():
         assert re.search(rf"^\s+{command}\s+\S", stdout, re.M), command
 
 
-def test_demo_without_its_module_is_a_one_line_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lora_jax.demo.run", None)   # makes the import fail
-    code, _, stderr = run("demo")
-    assert code == 1 and ONE_LINE_ERROR.match(stderr) and "the demo is not available" in stderr
-
-
 def test_demo_delegates_to_lora_jax_demo_run(monkeypatch):
     seen = {}
 
@@ -391,20 +388,17 @@ def test_demo_delegates_to_lora_jax_demo_run(monkeypatch):
         seen["args"] = args
         return 7
 
-    fake = types.ModuleType("lora_jax.demo.run")
-    fake.add_arguments = lambda parser: parser.add_argument("--size", type=int, default=1)
-    fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "lora_jax.demo.run", fake)
-    code, _, stderr = run("demo", "--size", "3", "--backend", "cpu")
+    monkeypatch.setattr(cli.demo_run, "main", fake_main)
+    code, _, stderr = run("demo", "--steps", "3", "--backend", "cpu")
     assert code == 7, stderr
-    assert (seen["args"].size, seen["args"].backend) == (3, "cpu")
+    assert (seen["args"].steps, seen["args"].rank, seen["args"].backend) == (3, 8, "cpu")
     code, stdout, _ = run("demo", "--help")
-    assert code == 0 and "--size" in stdout
+    assert code == 0 and "--pretrain-steps" in stdout and "full fine-tuning vs LoRA on a new dialect" in stdout
 
 
 def test_python_dash_m_runs_the_same_command(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["python -m lora_jax", "inspect", "--help"])
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(os.path.join(os.path.dirname(cli.__file__), "__main__.py"), run_name="__main__")
+        runpy.run_module("lora_jax", run_name="__main__", alter_sys=True)
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("usage: lora-jax inspect")

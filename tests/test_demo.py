@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from lora_jax.demo import run
+from lora_jax.app.demo import run
 from tests.tolerances import tol
 
 

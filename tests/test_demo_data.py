@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.demo import data
-from lora_jax.demo.pretrain import BASE_CONFIG, BASE_DIR, TOKENIZER_KEY, load_base, make_eval, pretrain
+from lora_jax.app.demo import data
+from lora_jax.app.demo.pretrain import BASE_CONFIG, BASE_DIR, TOKENIZER_KEY, load_base, make_eval, pretrain
 from lora_jax.models.llama import LlamaConfig
 
 N_MODULES = 20

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lora_jax.io import load_peft
 from lora_jax.io import tensors as st
+from lora_jax.linen import lora_apply
 from lora_jax.models import LlamaConfig, LlamaForCausalLM, from_pretrained, generate, init_cache, save_pretrained
 from lora_jax.models.llama import RopeScaling, inverse_frequencies
-from tests.fixtures_data import FIXTURES, assert_logits_match, forward, model, reference
+from tests.fixtures_data import ADAPTERS, FIXTURES, assert_logits_match, forward, model, reference
 
 MODELS = {"llama_tiny": "llama_tiny", "llama_tiny_sharded": "llama_tiny", "llama_tiny_tied": "llama_tiny_tied"}
 
@@ -118,12 +120,40 @@ def test_sampling_options():
     (dict(max_new_tokens=2, temperature=1.0), r"sampling \(temperature 1.0\) needs rng="),
     (dict(max_new_tokens=2, top_k=0), r"top_k must be in \[1, vocab_size=128\], got 0"),
     (dict(max_new_tokens=4, max_length=5), r"max_length 5 < prompt length \+ max_new_tokens = 7"),
-    (dict(max_new_tokens=2, config=object()), r"pass both lora= and config="),
 ])
 def test_generate_rejects_bad_arguments(kwargs, message):
     module, params = model("llama_tiny")
     with pytest.raises(ValueError, match=message):
         generate(module, params, jnp.zeros((1, 3), jnp.int32), **kwargs)
+
+
+def test_generate_names_the_removed_adapter_keywords():
+    module, params = model("llama_tiny")
+    with pytest.raises(TypeError, match=r"lora= and config= were removed in lora_jax 0.2; bind the adapters yourself"):
+        generate(module, params, jnp.zeros((1, 3), jnp.int32), max_new_tokens=2, lora={}, config=object())
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'tempreature'"):
+        generate(module, params, jnp.zeros((1, 3), jnp.int32), max_new_tokens=2, tempreature=1.0)
+
+
+def test_generate_with_bound_adapters_is_the_adapted_models_greedy_argmax():
+    """``apply=`` with ``lora_apply`` bound: PEFT's greedy continuation, and step by step the adapted argmax."""
+    module, params = model("llama_tiny")
+    adapter = load_peft(os.path.join(ADAPTERS, "plain"))
+    adapted = lora_apply(module, adapter.config)
+
+    def forward(p, ids, cache):
+        return adapted(p[0], p[1], ids, cache=cache)
+
+    prompt = jnp.asarray(reference()["input_ids"][:1, :5])
+    out = generate(module, (params, adapter.lora_params), prompt, max_new_tokens=8, apply=forward)
+    np.testing.assert_array_equal(np.asarray(out), reference()["plain/generate"])
+    buffer = jnp.concatenate([prompt, jnp.zeros((1, 8), jnp.int32)], axis=1)
+    for t in range(5, 13):
+        nxt = jnp.argmax(adapted(params, adapter.lora_params, buffer)[:, t - 1], axis=-1).astype(jnp.int32)
+        buffer = buffer.at[:, t].set(nxt)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(buffer))
+    plain = np.asarray(generate(module, params, prompt, max_new_tokens=8))
+    assert not np.array_equal(plain, np.asarray(out))   # the adapter changes the continuation
 
 
 @pytest.mark.parametrize("name", ["llama_tiny", "llama_tiny_tied"])

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraConfig, merge, unmerge
+from lora_jax.config import Adapter
 from lora_jax.io import tensors as st
 from lora_jax.io.peft import UnsupportedAdapterError, load_peft, peft_pattern_lookup, save_peft
 from tests.fixtures_data import ADAPTER_BASES, ADAPTERS, assert_logits_match, forward, model, reference
@@ -37,9 +38,9 @@ def test_unmerged_and_merged_logits_match_peft(name):
     module, params = model(ADAPTER_BASES[name][0])
     adapter = _load(name)
     ids = jnp.asarray(reference()["input_ids"])
-    assert_logits_match(forward(module, params, ids, adapter.lora, adapter.config), reference()[f"{name}/unmerged"],
+    assert_logits_match(forward(module, params, ids, adapter.lora_params, adapter.config), reference()[f"{name}/unmerged"],
                         f"{name} unmerged")
-    merged = merge(params, adapter.lora, adapter.config)
+    merged = merge(params, adapter.lora_params, adapter.config)
     assert_logits_match(forward(module, merged, ids), reference()[f"{name}/merged"], f"{name} merged")
     # the adapter really changes the model, so agreeing with PEFT is not agreeing with the base
     base = reference()[f"{ADAPTER_BASES[name][0]}/logits"]
@@ -62,7 +63,7 @@ def test_rank_and_alpha_patterns_resolve_per_layer_as_peft():
                 "model/layers_1/mlp/gate_proj": (4, 8.0)}
     for path, (rank, alpha) in expected.items():
         assert (cfg.rank_for(path), cfg.alpha_for(path), cfg.scaling(path)) == (rank, alpha, alpha / rank), path
-        node = adapter.lora
+        node = adapter.lora_params
         for key in path.split("/"):
             node = node[key]
         assert node["a"].shape[1] == rank and node["b"].shape[0] == rank
@@ -79,7 +80,7 @@ def test_rslora_scale_and_all_linear_targets():
 def test_embedding_adapter_layout_and_saved_base_weights():
     adapter = _load("embedding")
     raw = st.read(os.path.join(ADAPTERS, "embedding", "adapter_model.safetensors"))
-    emb = adapter.lora["model"]["embed_tokens"]
+    emb = adapter.lora_params["model"]["embed_tokens"]
     np.testing.assert_array_equal(emb["a"], raw["base_model.model.model.embed_tokens.lora_embedding_A"].T)
     np.testing.assert_array_equal(emb["b"], raw["base_model.model.model.embed_tokens.lora_embedding_B"].T)
     assert emb["a"].shape == (128, 4) and emb["b"].shape == (4, 64)
@@ -96,15 +97,15 @@ def test_scanned_model_reads_the_same_adapter():
     with pytest.raises(ValueError, match=r"scanned layers need equal ranks|disagree on the rank"):
         _load("patterns", scan_layers=True)   # layer 0's q_proj has rank 2, layer 1's rank 4
     adapter = _load("rslora", scan_layers=True)
-    assert adapter.lora["model"]["layers"]["mlp"]["up_proj"]["a"].shape == (2, 64, 8)
-    logits = forward(module, params, jnp.asarray(reference()["input_ids"]), adapter.lora, adapter.config)
+    assert adapter.lora_params["model"]["layers"]["mlp"]["up_proj"]["a"].shape == (2, 64, 8)
+    logits = forward(module, params, jnp.asarray(reference()["input_ids"]), adapter.lora_params, adapter.config)
     assert_logits_match(logits, reference()["rslora/unmerged"], "rslora scanned")
 
 
 @pytest.mark.parametrize("name", list(ADAPTER_BASES))
 def test_save_peft_writes_the_tensors_peft_wrote(name, tmp_path):
     adapter = _load(name)
-    save_peft(tmp_path, adapter.lora, adapter.config, base_params=model(ADAPTER_BASES[name][0])[1])
+    save_peft(tmp_path, model(ADAPTER_BASES[name][0])[1], adapter.lora_params, adapter.config)
     ours = st.read(tmp_path / "adapter_model.safetensors")
     theirs = {k: v for k, v in st.read(os.path.join(_folder(name), "adapter_model.safetensors")).items()
               if ".base_layer." not in k}
@@ -122,29 +123,29 @@ def test_save_peft_writes_the_tensors_peft_wrote(name, tmp_path):
                     == peft_pattern_lookup(original[field] or {}, module, original[default])), (module, field)
     assert written["use_rslora"] == original["use_rslora"] and written["peft_type"] == "LORA"
     back = load_peft(tmp_path)
-    assert jax.tree.all(jax.tree.map(np.array_equal, back.lora, adapter.lora))
+    assert jax.tree.all(jax.tree.map(np.array_equal, back.lora_params, adapter.lora_params))
     assert all(back.config.scaling(p) == adapter.config.scaling(p) for p in back.config.targets if "/" in p)
 
 
 def test_save_peft_from_a_scanned_model(tmp_path):
     adapter = _load("rslora", scan_layers=True)
-    save_peft(tmp_path, adapter.lora, adapter.config, base_params=model("llama_tiny", True)[1])
+    save_peft(tmp_path, model("llama_tiny", True)[1], adapter.lora_params, adapter.config)
     flat = _load("rslora")
-    assert jax.tree.all(jax.tree.map(np.array_equal, load_peft(tmp_path).lora, flat.lora))
+    assert jax.tree.all(jax.tree.map(np.array_equal, load_peft(tmp_path).lora_params, flat.lora_params))
 
 
 def test_dora_magnitude_layout_and_unmerge_refusal():
     adapter = _load("dora")
     raw = st.read(os.path.join(ADAPTERS, "dora", "adapter_model.safetensors"))
-    q = adapter.lora["model"]["layers_1"]["self_attn"]["q_proj"]
+    q = adapter.lora_params["model"]["layers_1"]["self_attn"]["q_proj"]
     np.testing.assert_array_equal(q["m"], raw["base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"])
     assert adapter.config.use_dora and q["m"].shape == (64,)
     _, params = model("llama_tiny")
     with pytest.raises(ValueError, match=r"'model/layers_0/self_attn/q_proj': a DoRA merge cannot be undone"):
-        unmerge(merge(params, adapter.lora, adapter.config), adapter.lora, adapter.config)
+        unmerge(merge(params, adapter.lora_params, adapter.config), adapter.lora_params, adapter.config)
     plain = dataclasses.replace(adapter.config, use_dora=False)
     with pytest.raises(ValueError, match=r"has a DoRA magnitude 'm', but LoraConfig.use_dora is False"):
-        merge(params, adapter.lora, plain)
+        merge(params, adapter.lora_params, plain)
 
 
 def _copy_adapter(tmp_path, name="plain"):
@@ -181,7 +182,7 @@ def test_unknown_config_keys_warn_and_are_ignored(tmp_path):
     with pytest.warns(UserWarning, match=r"ignoring adapter_config.json keys unknown to lora_jax: "
                                          r"\['some_future_option'\]"):
         adapter = load_peft(folder)
-    assert jax.tree.all(jax.tree.map(np.array_equal, adapter.lora, _load("plain").lora))
+    assert jax.tree.all(jax.tree.map(np.array_equal, adapter.lora_params, _load("plain").lora_params))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _load("plain")   # PEFT's own keys do not warn
@@ -211,9 +212,41 @@ def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
     base = {"q": {"kernel": np.zeros((4, 3, 5))}}
     lora = {"q": {"a": np.zeros((12, 2)), "b": np.zeros((2, 5))}}
     with pytest.raises(ValueError, match=r"layer 'q': only 2-D Dense and Embed adapters fit PEFT's format"):
-        save_peft(tmp_path, lora, cfg, base_params=base)
+        save_peft(tmp_path, base, lora, cfg)
     with pytest.raises(ValueError, match=r"adapter 'k' has no layer in base_params"):
-        save_peft(tmp_path, {"k": lora["q"]}, cfg, base_params=base)
+        save_peft(tmp_path, base, {"k": lora["q"]}, cfg)
+
+
+def _written(folder) -> tuple[dict, dict]:
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        return json.load(f), st.read(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def _same_files(first, second) -> bool:
+    (c1, t1), (c2, t2) = _written(first), _written(second)
+    return c1 == c2 and sorted(t1) == sorted(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)
+
+
+def test_save_peft_takes_an_adapter_value_and_keywords(tmp_path):
+    adapter = _load("plain")
+    base = model(ADAPTER_BASES["plain"][0])[1]
+    save_peft(tmp_path / "new", base, adapter.lora_params, adapter.config, task_type="CAUSAL_LM")
+    save_peft(tmp_path / "value", base, Adapter(adapter.config, adapter.lora_params), task_type="CAUSAL_LM")
+    save_peft(tmp_path / "named", base_params=base, lora_params=adapter.lora_params, config=adapter.config,
+              task_type="CAUSAL_LM")
+    assert _same_files(tmp_path / "new", tmp_path / "value") and _same_files(tmp_path / "new", tmp_path / "named")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'lora'"):
+        save_peft(tmp_path / "bad", base, lora=adapter.lora_params, config=adapter.config)
+
+
+def test_save_peft_in_the_old_argument_order_warns_and_writes_the_same(tmp_path):
+    adapter = _load("plain")
+    base = model(ADAPTER_BASES["plain"][0])[1]
+    save_peft(tmp_path / "new", base, adapter.lora_params, adapter.config, task_type="CAUSAL_LM")
+    with pytest.warns(DeprecationWarning, match=r"save_peft\(path, lora, config, base_params=base_params\) is "
+                                                r"deprecated .* use save_peft\(path, base_params, lora_params, config\)"):
+        save_peft(tmp_path / "old", adapter.lora_params, adapter.config, base_params=base, task_type="CAUSAL_LM")
+    assert _same_files(tmp_path / "new", tmp_path / "old")
 
 
 OURS = ("patterns", "rslora_embed", "tied")
@@ -236,7 +269,7 @@ def test_peft_loads_our_files_and_computes_our_logits(name, tmp_path):
     module, base, lora, config = builder.build(name)
     folder = os.path.join(ADAPTERS, "..", "ours", name)
     # the committed files are exactly what save_peft writes today
-    save_peft(tmp_path, lora, config, base_params=base, task_type="CAUSAL_LM",
+    save_peft(tmp_path, base, lora, config, task_type="CAUSAL_LM",
               base_model_name_or_path=f"tests/fixtures/{builder.SPECS[name][0]}")
     committed, fresh = st.read(os.path.join(folder, "adapter_model.safetensors")), st.read(tmp_path / "adapter_model.safetensors")
     assert sorted(committed) == sorted(fresh) and all(np.array_equal(committed[k], fresh[k]) for k in committed)

@@ -45,7 +45,7 @@ def _llama(scan=False):
     model = LlamaForCausalLM(LlamaConfig(**{**SMALL.__dict__, "scan_layers": scan}))
     ids = jnp.zeros((2, 4), jnp.int32)
     base = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-    lora = jax.eval_shape(lambda: L.init_lora(LORA, model, base, ids, rng=jax.random.key(1)))
+    lora = jax.eval_shape(lambda: L.init_lora(model, base, LORA, ids, rng=jax.random.key(1)))
     return base, lora
 
 
@@ -95,7 +95,7 @@ def test_fsdp_tp_base_rules_on_llama():
 @pytest.mark.parametrize("scan", [False, True])
 def test_lora_shardings_follow_the_base_layer(scan):
     base, lora = _llama(scan)
-    specs = _specs(S.lora_shardings(lora, base, S.base_shardings(base, MESH_4x2, "fsdp_tp")))
+    specs = _specs(S.lora_shardings(base, lora, S.base_shardings(base, MESH_4x2, "fsdp_tp")))
     expected = _stacked(FSDP_TP_LORA) if scan else FSDP_TP_LORA
     assert {k: specs[k] for k in expected} == expected
     assert len(specs) == 2 * (7 * (1 if scan else 2) + 2)
@@ -108,7 +108,7 @@ def test_lora_shardings_follow_the_base_layer(scan):
 ])
 def test_lora_shardings_per_strategy(strategy, q_a, q_b, o_a, o_b):
     base, lora = _llama()
-    specs = _specs(S.lora_shardings(lora, base, S.base_shardings(base, MESH_4x2, strategy)))
+    specs = _specs(S.lora_shardings(base, lora, S.base_shardings(base, MESH_4x2, strategy)))
     attn = "model/layers_0/self_attn/"
     assert (specs[attn + "q_proj/a"], specs[attn + "q_proj/b"]) == (q_a, q_b)
     assert (specs[attn + "o_proj/a"], specs[attn + "o_proj/b"]) == (o_a, o_b)
@@ -124,11 +124,11 @@ def test_multi_axis_kernels_map_each_dim():
 
     x = jnp.zeros((1, 8, 8, 4))
     base = jax.eval_shape(Net().init, jax.random.key(0), x)["params"]
-    lora = jax.eval_shape(lambda: L.init_lora(L.LoraConfig(rank=2, targets="re:conv|heads|out"), Net(), base, x,
+    lora = jax.eval_shape(lambda: L.init_lora(Net(), base, L.LoraConfig(rank=2, targets="re:conv|heads|out"), x,
                                               rng=jax.random.key(1)))
     rules = [(r"conv/kernel", P(None, None, "data", "model")), (r"heads/kernel", P("data", "model", None)),
              (r"out/kernel", P("model", None, "data")), (".*", P())]
-    specs = _specs(S.lora_shardings(lora, base, S.base_shardings(base, MESH_4x2, rules)))
+    specs = _specs(S.lora_shardings(base, lora, S.base_shardings(base, MESH_4x2, rules)))
     assert specs == {"conv/a": (None, None, "data", None), "conv/b": (None, "model"),
                      "heads/a": ("data", None), "heads/b": (None, "model", None),
                      "out/a": ("model", None, None), "out/b": (None, "data")}
@@ -136,18 +136,26 @@ def test_multi_axis_kernels_map_each_dim():
 
 def test_partition_specs_in_partition_specs_out():
     base, lora = _llama()
-    sh = S.lora_shardings(lora, base, jax.tree.map(lambda s: s.spec, S.base_shardings(base, MESH_4x2, "tp")))
+    sh = S.lora_shardings(base, lora, jax.tree.map(lambda s: s.spec, S.base_shardings(base, MESH_4x2, "tp")))
     assert sh["model"]["layers_0"]["mlp"]["gate_proj"]["b"] == P(None, "model")
     # a sharding of an array follows JAX's convention: a short spec leaves the trailing dims unsharded
     base = {"q": {"kernel": jnp.zeros((8, 6))}}
     lora = {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}}
-    short = S.lora_shardings(lora, base, {"q": {"kernel": NamedSharding(MESH_4x2, P("data"))}})
+    short = S.lora_shardings(base, lora, {"q": {"kernel": NamedSharding(MESH_4x2, P("data"))}})
     assert (tuple(short["q"]["a"].spec), tuple(short["q"]["b"].spec)) == (("data", None), (None, None))
+
+
+def test_lora_shardings_in_the_old_argument_order_warns_and_agrees():
+    base, lora = _llama()
+    sh = S.base_shardings(base, MESH_4x2, "fsdp_tp")
+    with pytest.warns(DeprecationWarning, match=r"lora_shardings\(lora_params, base_params, \.\.\.\) is deprecated"):
+        old = S.lora_shardings(lora, base, sh)
+    assert old == S.lora_shardings(base, lora, sh)
 
 
 def test_opt_state_follows_the_adapters():
     base, lora = _llama()
-    lora_sh = S.lora_shardings(lora, base, S.base_shardings(base, MESH_4x2, "fsdp_tp"))
+    lora_sh = S.lora_shardings(base, lora, S.base_shardings(base, MESH_4x2, "fsdp_tp"))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     state = S.opt_state_shardings(tx, lora, lora_sh)
     adam = state[1][0]
@@ -192,18 +200,18 @@ def test_lora_tree_not_matching_the_base_is_an_error():
     base = {"q": {"kernel": jnp.zeros((8, 6))}}
     sh = {"q": {"kernel": P("data", None)}}
     with pytest.raises(ValueError, match=r"adapter 'k' has no layer in base params"):
-        S.lora_shardings({"k": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}}, base, sh)
+        S.lora_shardings(base, {"k": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}}, sh)
     with pytest.raises(ValueError, match=r"layer 'q': adapter shapes a\[6, 2\], b\[2, 8\] do not fit a weight of "
                                          r"shape \[8, 6\]"):
-        S.lora_shardings({"q": {"a": jnp.zeros((6, 2)), "b": jnp.zeros((2, 8))}}, base, sh)
+        S.lora_shardings(base, {"q": {"a": jnp.zeros((6, 2)), "b": jnp.zeros((2, 8))}}, sh)
     with pytest.raises(ValueError, match=r"leaves outside adapter nodes .*: q/extra"):
-        S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "extra": jnp.zeros(6)}}, base, sh)
+        S.lora_shardings(base, {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "extra": jnp.zeros(6)}}, sh)
     # a DoRA magnitude runs along the output features: it takes the weight's output-axis sharding
-    dora = S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "m": jnp.zeros(6)}}, base,
+    dora = S.lora_shardings(base, {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6)), "m": jnp.zeros(6)}},
                             {"q": {"kernel": P("data", "model")}})
     assert tuple(dora["q"]["m"]) == ("model",) and tuple(dora["q"]["b"]) == (None, "model")
     with pytest.raises(ValueError, match=r"layer 'q': its kernel has sharding None"):
-        S.lora_shardings({"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}}, jax.eval_shape(lambda: base))
+        S.lora_shardings(jax.eval_shape(lambda: base), {"q": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 6))}})
 
 
 HLO = """HloModule step

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import backend, cli
+from lora_jax import backend
+from lora_jax.app import cli
 from lora_jax.config import LoraConfig
-from lora_jax.demo import study
+from lora_jax.app.demo import study
 
 TINY = dict(steps=2, batch_size=2, seq_len=32, eval_rows=4, max_bytes=50_000, heldout_bytes=20_000,
             show_progress=False)
@@ -69,7 +70,7 @@ def _adapted_kernel_sizes(base) -> int:
 
 
 def test_sweep_rows_count_params_exactly_and_measure_spectra(sweep):
-    from lora_jax.demo.pretrain import load_base
+    from lora_jax.app.demo.pretrain import load_base
 
     _, base = load_base()
     per_rank = _adapted_kernel_sizes(base)
@@ -172,7 +173,9 @@ def test_cli_help_has_examples(command):
 
 
 def test_cli_defaults_are_the_studys():
-    assert cli.STUDY_RANKS == study.DEFAULT_RANKS and cli.STUDY_CORPORA == study.CORPORA
+    parser = cli.build_parser()
+    assert parser.parse_args(["sweep"]).ranks == list(study.DEFAULT_RANKS)
+    assert parser.parse_args(["interference"]).corpora == list(study.CORPORA)
 
 
 def test_example_runs(capsys, tmp_path):

@@ -25,7 +25,7 @@ def _setup(config=SMALL, lora_config=CFG, seed=0):
     model = LlamaForCausalLM(config)
     ids = jax.random.randint(jax.random.key(seed), (2, 5), 0, config.vocab_size)
     params = model.init(jax.random.key(seed), ids)["params"]
-    lora = L.init_lora(lora_config, model, params, ids, rng=jax.random.key(seed + 1))
+    lora = L.init_lora(model, params, lora_config, ids, rng=jax.random.key(seed + 1))
     # nonzero B, so that every gradient path is exercised
     lora = jax.tree.map(lambda t: t + 0.05 * jax.random.normal(jax.random.key(7), t.shape), lora)
     return model, params, lora, ids
@@ -118,8 +118,8 @@ def test_fast_and_plain_steps_make_the_same_update():
         step = L.make_train_step(L.lora_apply(model, CFG, impl=impl), _loss, tx, donate=False)
         outs.append(step(lora, tx.init(lora), params, ids))
     assert_close(outs[0][2]["loss"], outs[1][2]["loss"])
-    for path, node in L.adapters(outs[0][0]).items():
-        other = L.adapters(outs[1][0])[path]
+    for path, node in L.adapter_nodes(outs[0][0]).items():
+        other = L.adapter_nodes(outs[1][0])[path]
         for leaf in ("a", "b"):
             assert_close(node[leaf], other[leaf], what=f"{'/'.join(path)}/{leaf}")
 
@@ -193,7 +193,7 @@ def test_memory_lean_options_let_remat_save_memory_on_cpu():
     model = LlamaForCausalLM(LlamaConfig(**kw, remat=True))
     params = model.init(jax.random.key(1), ids)["params"]
     cfg = L.LoraConfig(rank=4, targets=("attention", "mlp"))
-    lora = L.init_lora(cfg, model, params, ids, rng=jax.random.key(2))
+    lora = L.init_lora(model, params, cfg, ids, rng=jax.random.key(2))
     tx = optax.sgd(0.1)
     temp = {}
     for lean in (False, True):
@@ -230,7 +230,7 @@ def test_lora_plus_trains_through_make_train_step():
     model, x = nn.Dense(3), jnp.ones((2, 4))
     params = model.init(jax.random.key(0), x)["params"]
     cfg = L.LoraConfig(rank=2, targets="re:.*")
-    lora = L.init_lora(cfg, model, params, x, rng=jax.random.key(1))
+    lora = L.init_lora(model, params, cfg, x, rng=jax.random.key(1))
     lora = {**lora, "b": jnp.full_like(lora["b"], 0.3)}    # B = 0 would give A no gradient
     tx = L.optim.lora_plus(optax.sgd, 0.1, ratio=8.0)
     step = L.make_train_step(L.lora_apply(model, cfg), lambda m, b: (m(b) ** 2).mean(), tx)

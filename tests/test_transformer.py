@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import (LoraConfig, adapter_paths, adapters, count_params, find_layers, init_lora, lora_apply,
+from lora_jax import (LoraConfig, adapter_paths, adapter_nodes, count_params, find_layers, init_lora, lora_apply,
                       merge, select, summary)
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 from tests.tolerances import assert_close
@@ -82,7 +82,7 @@ def run(request):
     params = _random_params(model, ids, rng)
     cfg = LoraConfig(rank=RANK, alpha=ALPHA, targets=targets)
     # an "rbg" key: its bits compile much faster on CPU than threefry's (init is per-shape eager work)
-    fresh = init_lora(cfg, model, params, ids, rng=jax.random.key(1, impl="rbg"))
+    fresh = init_lora(model, params, cfg, ids, rng=jax.random.key(1, impl="rbg"))
     # N(0, 0.2^2) factors: scale * A @ B ~ 2 * 0.04 * sqrt(4) = 0.16 per entry, above the weights' 0.1
     lora = jax.tree.map(lambda leaf: jnp.asarray(0.2 * rng.normal(size=leaf.shape), leaf.dtype), fresh)
     fast, plain = lora_apply(model, cfg, impl="fast"), lora_apply(model, cfg, impl="plain")
@@ -107,7 +107,7 @@ def run(request):
 
 
 def _by_path(tree):
-    return {"/".join(path): node for path, node in adapters(tree).items()}
+    return {"/".join(path): node for path, node in adapter_nodes(tree).items()}
 
 
 def test_fresh_adapters_leave_logits_unchanged(run):
@@ -200,7 +200,7 @@ def test_presets_select_exact_paths(variant):
     for preset, expected in PRESET_PATHS[variant].items():
         cfg = LoraConfig(rank=RANK, targets=preset)
         assert [layer.name for layer in select(cfg, layers)] == expected, preset
-        lora = jax.eval_shape(lambda: init_lora(cfg, model, params, ids, rng=KEY))
+        lora = jax.eval_shape(lambda: init_lora(model, params, cfg, ids, rng=KEY))
         assert sorted("/".join(p) for p in adapter_paths(lora)) == sorted(expected), preset
     assert "lm_head" not in [layer.name for layer in select(LoraConfig(targets="all-linear"), layers)]
 
@@ -211,7 +211,7 @@ def test_summary_counts_on_benchmark_config():
     model, ids = LlamaForCausalLM(cfg), jnp.zeros((1, 8), jnp.int32)
     lora_cfg = LoraConfig(rank=8, targets=("attention", "mlp"))
     params = jax.eval_shape(model.init, KEY, ids)["params"]
-    lora = jax.eval_shape(lambda: init_lora(lora_cfg, model, params, ids, rng=KEY))
+    lora = jax.eval_shape(lambda: init_lora(model, params, lora_cfg, ids, rng=KEY))
     s = summary(params, lora, lora_cfg, print_fn=None)
     # trainable: kv heads = 8, so q/k/v/o are all 512 -> 512: 4 * 8 * (512 + 512) = 32,768 per layer;
     # gate/up 512 -> 1376 and down 1376 -> 512: 3 * 8 * (512 + 1376) = 45,312 per layer;

@@ -6,8 +6,26 @@
 between PyTorch and Flax.
 """
 
-from lora_jax.io import names, tensors
-from lora_jax.io.checkpoint import Checkpointer, TrainState, base_fingerprint, directory_size
-from lora_jax.io.peft import PeftAdapter, UnsupportedAdapterError, load_peft, save_peft
+import importlib
+
+# Each public name and the submodule that defines it, loaded on first use (PEP 562): ``checkpoint``
+# brings orbax and ``tensors`` (and so ``peft``) brings safetensors, neither needed until a file is touched.
+_WHERE = {
+    "Checkpointer": "checkpoint", "TrainState": "checkpoint", "base_fingerprint": "checkpoint",
+    "directory_size": "checkpoint", "PeftAdapter": "peft", "UnsupportedAdapterError": "peft",
+    "load_peft": "peft", "save_peft": "peft", "names": None, "tensors": None,
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lora_jax.io' has no attribute {name!r}")
+    module = importlib.import_module(f"lora_jax.io.{_WHERE[name] or name}")
+    return module if _WHERE[name] is None else getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = ["Checkpointer", "PeftAdapter", "TrainState", "base_fingerprint", "directory_size", "UnsupportedAdapterError", "load_peft", "names", "save_peft", "tensors"]

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax import deprecation
+
 FORMAT = "lora_jax.train_state/1"
 _STATE, _META = "state", "meta"
 
@@ -38,17 +40,19 @@ class TrainState:
     A pytree (all four fields are children), so it passes through ``jax.jit``.
 
     Attributes:
-      lora: the adapters' pytree (from :func:`lora_jax.init_lora`).
+      lora_params: the adapters' pytree (from :func:`lora_jax.init_lora`).
       opt_state: the optax state of the adapters.
       step: the number of steps taken (a Python int or an integer scalar array).
       rng: the key the next step's randomness is drawn from: a typed key
         (``jax.random.key``), a raw ``uint32`` key (``jax.random.PRNGKey``), or None.
     """
 
-    lora: Any
+    lora_params: Any
     opt_state: Any
     step: Any = 0
     rng: Any = None
+
+    lora = deprecation.renamed_attribute("TrainState", "lora", "lora_params")
 
 
 def _path(keypath) -> str:
@@ -117,7 +121,7 @@ def _key_data(key):
 def _payload(state: TrainState) -> dict:
     # Orbax versions differ in whether they store typed key arrays; their raw
     # key data (uint32) is stored everywhere, and wrapped back on restore.
-    payload = {"lora": state.lora, "opt_state": state.opt_state}
+    payload = {"lora": state.lora_params, "opt_state": state.opt_state}   # "lora": the file format of 0.1
     if state.rng is not None:
         payload["rng"] = _key_data(state.rng) if _is_typed_key(state.rng) else state.rng
     return payload

@@ -25,10 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax.config import LoraConfig
+from lora_jax import deprecation
+from lora_jax.config import Adapter, LoraConfig
 from lora_jax.io import tensors as st
 from lora_jax.io.names import stack_layers, to_flax, to_torch, unstack_layers
-from lora_jax.tree import adapters, check_dora, get_path, set_path, weight_name
+from lora_jax.tree import adapter_nodes, check_dora, get_path, set_path, weight_name
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -80,7 +81,7 @@ class PeftAdapter:
     Attributes:
       config: the :class:`LoraConfig` (per-layer ranks and alphas resolved
         into ``rank_pattern``/``alpha_pattern`` entries).
-      lora: the adapter tree in our layout (``{path: {"a": [in, r], "b": [r, out]}}``, plus
+      lora_params: the adapter tree in our layout (``{path: {"a": [in, r], "b": [r, out]}}``, plus
         ``"m": [out]`` for DoRA, PEFT's ``lora_magnitude_vector``).
       peft_config: the ``adapter_config.json`` dict as read.
       base_weights: full base-layer tensors PEFT saved beside the adapter (it
@@ -89,9 +90,11 @@ class PeftAdapter:
     """
 
     config: LoraConfig
-    lora: dict
+    lora_params: dict
     peft_config: dict
     base_weights: dict = dataclasses.field(default_factory=dict)
+
+    lora = deprecation.renamed_attribute("PeftAdapter", "lora", "lora_params")
 
 
 def peft_pattern_lookup(patterns: Mapping[str, Any], module: str, default):
@@ -200,9 +203,9 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
     >>> lora = {"model": {"layers_0": {"q_proj": {"a": np.ones((8, 2)), "b": np.ones((2, 8))}}}}
     >>> base = {"model": {"layers_0": {"q_proj": {"kernel": np.zeros((8, 8))}}}}
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     files = save_peft(d, lora, cfg, base_params=base)
+    ...     files = save_peft(d, base, lora, cfg)
     ...     loaded = load_peft(d)
-    >>> loaded.config.scaling("model/layers_0/q_proj"), loaded.lora["model"]["layers_0"]["q_proj"]["a"].shape
+    >>> loaded.config.scaling("model/layers_0/q_proj"), loaded.lora_params["model"]["layers_0"]["q_proj"]["a"].shape
     (2.0, (8, 2))
     """
     folder = os.path.join(os.fspath(path), adapter_name) if adapter_name else os.fspath(path)
@@ -265,29 +268,58 @@ def _pattern_key(module: str) -> str:
     return re.escape(".".join(parts[1:]) if len(parts) > 1 else module)
 
 
-def save_peft(path: str | os.PathLike, lora: Mapping, config: LoraConfig, *, base_params: Mapping,
-              base_model_name_or_path: str | None = None, task_type: str | None = None,
-              target_modules: list[str] | str | None = None) -> list[str]:
-    """Writes ``lora`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
+def _arguments(base_params, lora_params, config, by_name: dict) -> tuple[Mapping, Any, LoraConfig | None]:
+    """``(base_params, lora_params, config)`` of a :func:`save_peft` call, also from the order of 0.1."""
+    old_order = "base_params" in by_name and base_params is not None and (
+        (isinstance(lora_params, LoraConfig) and config is None) or (lora_params is None and config is not None))
+    if old_order:   # save_peft(path, lora, config, base_params=base), config perhaps by keyword
+        deprecation.warn("save_peft(path, lora, config, base_params=base_params)",
+                         "save_peft(path, base_params, lora_params, config)", stacklevel=4)
+        config = lora_params if config is None else config
+        base_params, lora_params = by_name.pop("base_params"), base_params
+    for name, value in (("base_params", base_params), ("lora_params", lora_params)):
+        if name in by_name and value is not None:
+            raise TypeError(f"save_peft() got multiple values for argument {name!r}")
+    base_params = by_name.pop("base_params", base_params)
+    lora_params = by_name.pop("lora_params", lora_params)
+    if by_name:
+        raise TypeError(f"save_peft() got an unexpected keyword argument {sorted(by_name)[0]!r}")
+    if base_params is None or lora_params is None:
+        raise TypeError("save_peft() needs base_params and lora_params: save_peft(path, base_params, lora_params, "
+                        "config)")
+    return base_params, lora_params, config
+
+
+def save_peft(path: str | os.PathLike, base_params: Mapping | None = None, lora_params: Any = None, /,
+              config: LoraConfig | None = None, *, base_model_name_or_path: str | None = None,
+              task_type: str | None = None, target_modules: list[str] | str | None = None,
+              **by_name) -> list[str]:
+    """Writes ``lora_params`` as a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
 
     Args:
       path: the output folder (created).
-      lora: the adapter tree (unscanned, or scanned with ``model/layers`` stacked).
+      base_params: the base model's params, laid out like ``lora_params``: they
+        tell embeddings from linear layers and check that every adapter fits.
+      lora_params: the adapter tree (unscanned, or scanned with ``model/layers``
+        stacked), or one :class:`~lora_jax.config.Adapter` value with ``config`` omitted.
       config: its :class:`LoraConfig`; each layer's alpha comes from
         ``config.alpha_for`` and its rank from the matrices.
-      base_params: the base model's params, laid out like ``lora``: they tell
-        embeddings from linear layers and check that every adapter fits.
       base_model_name_or_path, task_type: written to ``adapter_config.json``
         (``task_type="CAUSAL_LM"`` makes PEFT build a ``PeftModelForCausalLM``).
       target_modules: defaults to the full names of the adapted modules.
+      by_name: ``base_params=`` and ``lora_params=`` given by keyword. The
+        order of 0.1, ``save_peft(path, lora, config, base_params=base)``,
+        still works for one release and warns.
 
     Returns:
       the file names written.
     """
+    base_params, lora_params, config = _arguments(base_params, lora_params, config, by_name)
+    lora, config = Adapter.unpack(lora_params, config, where="save_peft")
     if "layers" in (lora.get("model") or {}):
         lora, base_params = unstack_layers(lora), unstack_layers(base_params)
     tensors, ranks, alphas = {}, {}, {}
-    for path_tuple, node in adapters(lora).items():
+    for path_tuple, node in adapter_nodes(lora).items():
         layer = "/".join(path_tuple)
         try:
             base_node = get_path(base_params, path_tuple)

@@ -18,7 +18,7 @@ def progress(items: Iterable[T], description: str, *, enabled: bool = True, tota
     if not enabled:
         yield from items
         return
-    from rich.progress import track
+    from rich.progress import track   # deferred: rich costs an import only when a bar is shown
 
     if total is None and isinstance(items, Sized):
         total = len(items)
@@ -47,7 +47,7 @@ def loss_progress(total: int, description: str, *, completed: int = 0, enabled: 
     ...     for loss in (2.0, 1.5, 1.2):
     ...         bar.advance(loss)
     """
-    from rich.console import Console
+    from rich.console import Console   # deferred: rich costs an import only when a bar is shown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 

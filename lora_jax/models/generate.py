@@ -4,20 +4,26 @@ Works with any linen causal LM that follows the cache protocol of
 :class:`lora_jax.models.llama.LlamaForCausalLM`: ``module.config`` is a
 :class:`~lora_jax.models.llama.LlamaConfig` and
 ``module.apply(variables, ids, cache=cache)`` returns ``(logits, cache)``.
-With ``lora`` the adapters are applied unmerged through
-:func:`lora_jax.lora_apply`; merged params need no adapter at all.
+The model knows nothing of LoRA: to decode with adapters unmerged, pass a
+forward function that applies them (``apply=``); merged params need none.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import LoraConfig
-from lora_jax.linen import lora_apply
 from lora_jax.models.llama import init_cache
+
+# The keywords of 0.1 that bound the adapters inside ``generate``; the model package imports no front end,
+# so they cannot keep working and fail with the spelling that replaces them.
+_REMOVED = ("lora", "config")
+_BIND_LORA_APPLY = ("bind the adapters yourself: adapted = lora_jax.lora_apply(module, config); "
+                   "generate(module, (base_params, lora_params), ids, ..., "
+                   "apply=lambda p, ids, cache: adapted(p[0], p[1], ids, cache=cache))")
 
 
 def _pick(logits, key, temperature, top_k: int | None):
@@ -34,17 +40,12 @@ def _pick(logits, key, temperature, top_k: int | None):
     return jnp.where(temperature > 0, sample, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "lora_config", "max_new_tokens", "top_k", "max_length"))
-def _generate(module, lora_config, base, lora, input_ids, rng, temperature, stop, *, max_new_tokens, top_k,
-              max_length):
-    if lora_config is None:
-        def call(ids, cache):
-            return module.apply({"params": base}, ids, cache=cache)
-    else:
-        adapted = lora_apply(module, lora_config)
-
-        def call(ids, cache):
-            return adapted(base, lora, ids, cache=cache)
+@functools.partial(jax.jit, static_argnames=("module", "apply", "max_new_tokens", "top_k", "max_length"))
+def _generate(module, apply, params, input_ids, rng, temperature, stop, *, max_new_tokens, top_k, max_length):
+    def call(ids, cache):
+        if apply is None:
+            return module.apply({"params": params}, ids, cache=cache)
+        return apply(params, ids, cache=cache)
 
     batch = input_ids.shape[0]
     keys = jax.random.split(rng, max_new_tokens)
@@ -62,9 +63,9 @@ def _generate(module, lora_config, base, lora, input_ids, rng, temperature, stop
     return jnp.concatenate([input_ids, first[:, None], rest.T], axis=1)
 
 
-def generate(module, base_params, input_ids, *, max_new_tokens: int, lora=None, config: LoraConfig | None = None,
-             temperature: float = 0.0, top_k: int | None = None, rng=None, eos_token_id: int | None = None,
-             max_length: int | None = None):
+def generate(module, params: Any, input_ids, *, max_new_tokens: int,
+             apply: Callable[..., tuple[Any, Any]] | None = None, temperature: float = 0.0, top_k: int | None = None,
+             rng=None, eos_token_id: int | None = None, max_length: int | None = None, **removed):
     """Continues each prompt in ``input_ids`` by ``max_new_tokens`` tokens.
 
     The prompt is processed in one call (filling the cache), then one token
@@ -72,11 +73,16 @@ def generate(module, base_params, input_ids, *, max_new_tokens: int, lora=None, 
     All prompts in the batch have the same length (no padding mask).
 
     Args:
-      module: the causal LM (e.g. ``LlamaForCausalLM``).
-      base_params: its ``params`` tree.
+      module: the causal LM (e.g. ``LlamaForCausalLM``); its ``config`` sizes the cache.
+      params: what ``apply`` takes, any pytree (traced, so new values do not
+        recompile): the module's ``params`` tree by default, or, say, a
+        ``(base_params, lora_params)`` pair for a forward that applies adapters.
       input_ids: int ``[batch, prompt_length]``.
       max_new_tokens: how many tokens to append (>= 1).
-      lora, config: an adapter tree and its :class:`LoraConfig`, both or neither.
+      apply: the forward, ``apply(params, ids, cache=cache) -> (logits, cache)``;
+        defaults to ``module.apply({"params": params}, ids, cache=cache)``.
+        A static argument of the compiled loop: create it once and reuse it,
+        as a new function object compiles the loop again.
       temperature: 0 for greedy decoding; otherwise sample from
         ``softmax(logits / temperature)``, which needs ``rng``.
       top_k: with sampling, keep only the ``top_k`` most likely tokens.
@@ -93,9 +99,22 @@ def generate(module, base_params, input_ids, *, max_new_tokens: int, lora=None, 
     >>> params = model.init(jax.random.key(0), ids)["params"]
     >>> generate(model, params, ids, max_new_tokens=4).shape
     (2, 7)
+
+    With adapters applied unmerged (``lora_jax.lora_apply`` binds them):
+
+    >>> import lora_jax as L
+    >>> cfg = L.LoraConfig(rank=2, targets="attention")
+    >>> lora = L.init_lora(model, params, cfg, ids, rng=jax.random.key(1))
+    >>> adapted = L.lora_apply(model, cfg)
+    >>> def forward(p, ids, cache):
+    ...     return adapted(p[0], p[1], ids, cache=cache)
+    >>> generate(model, (params, lora), ids, max_new_tokens=4, apply=forward).shape
+    (2, 7)
     """
-    if (lora is None) != (config is None):
-        raise ValueError("generate: pass both lora= and config= (the adapter and its LoraConfig), or neither")
+    if set(removed) & set(_REMOVED):
+        raise TypeError("generate: the keywords lora= and config= were removed in lora_jax 0.2; " + _BIND_LORA_APPLY)
+    if removed:
+        raise TypeError(f"generate() got an unexpected keyword argument {sorted(removed)[0]!r}")
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens!r}")
     if temperature < 0 or (temperature > 0 and rng is None):
@@ -112,5 +131,5 @@ def generate(module, base_params, input_ids, *, max_new_tokens: int, lora=None, 
         raise ValueError(f"generate: max_length {max_length} < prompt length + max_new_tokens = {needed}")
     rng = jax.random.key(0) if rng is None else rng
     stop = jnp.int32(-1 if eos_token_id is None else eos_token_id)
-    return _generate(module, config, base_params, lora, input_ids, rng, jnp.float32(temperature), stop,
+    return _generate(module, apply, params, input_ids, rng, jnp.float32(temperature), stop,
                      max_new_tokens=int(max_new_tokens), top_k=top_k, max_length=int(max_length))

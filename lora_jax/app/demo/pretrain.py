@@ -1,14 +1,14 @@
 """Pretrains the demo's base model: a small byte-level Llama that learns English prose.
 
 The model reads UTF-8 bytes (vocabulary 256) and is trained from scratch on
-the prose corpus (the standard library's docstrings, :mod:`lora_jax.demo.data`)
+the prose corpus (the standard library's docstrings, :mod:`lora_jax.app.demo.data`)
 with AdamW, linear warmup then cosine decay, and gradient clipping. The result
 is a Hugging Face folder (``config.json`` + ``model.safetensors``, weights in
 bfloat16) plus ``pretrain_log.json``; the shipped one is in ``BASE_DIR``.
 
 Regenerate the shipped checkpoint (900 steps, about 12 minutes on a 2-core CPU):
 
-    python -m lora_jax.demo.pretrain --out lora_jax/demo/base_model
+    python -m lora_jax.app.demo.pretrain --out lora_jax/app/demo/base_model
 
 Load it in float32 with :func:`load_base`.
 """
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax.demo import data
+from lora_jax.app.demo import data
 from lora_jax.models.hf import from_pretrained, save_pretrained
 from lora_jax.io.progress import loss_progress
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
@@ -100,7 +100,7 @@ def save_base(out_dir: str | os.PathLike, params, config: LlamaConfig = BASE_CON
     """Writes ``params`` as a Hugging Face folder with bfloat16 weights, marked as a byte-level model.
 
     ``config.json`` gets ``"lora_jax_tokenizer": "bytes"`` (transformers ignores
-    unknown keys): token ids are UTF-8 bytes, see :func:`lora_jax.demo.data.encode`.
+    unknown keys): token ids are UTF-8 bytes, see :func:`lora_jax.app.demo.data.encode`.
 
     Returns:
       the file names written.
@@ -208,7 +208,7 @@ def _final_losses(out_dir, prose: data.Corpus, code: data.Corpus, *, seq_len: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m lora_jax.demo.pretrain --out DIR [--steps N] [--seed S] ...``"""
+    """``python -m lora_jax.app.demo.pretrain --out DIR [--steps N] [--seed S] ...``"""
     parser = argparse.ArgumentParser(description="Pretrain the lora-jax demo's byte-level base model on "
                                                  "English prose (the standard library's docstrings).")
     parser.add_argument("--out", required=True, help=f"output folder (the shipped model lives in {BASE_DIR})")

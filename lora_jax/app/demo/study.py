@@ -40,7 +40,7 @@ import optax
 
 from lora_jax import analysis
 from lora_jax.config import LoraConfig
-from lora_jax.demo import data, pretrain
+from lora_jax.app.demo import data, pretrain
 from lora_jax.io.progress import loss_progress
 from lora_jax.linen import init_lora, lora_apply
 from lora_jax.models.llama import causal_lm_loss
@@ -87,7 +87,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib   # deferred: optional (the app extra) and slow to import, only when a figure is drawn
 
     matplotlib.use("Agg")   # files only: no display is needed or wanted
     import matplotlib.pyplot as plt
@@ -145,7 +145,7 @@ class RankSweep:
         return lead + _table(header, rows)
 
     def to_dict(self) -> dict:
-        return {"format": "lora_jax.demo.study.sweep/1", "settings": self.settings, "baseline": self.baseline,
+        return {"format": "lora_jax.app.demo.study.sweep/1", "settings": self.settings, "baseline": self.baseline,
                 "total_params": self.total_params, "energy": self.energy,
                 "rows": [dataclasses.asdict(row) for row in self.rows]}
 
@@ -228,10 +228,11 @@ def sweep_ranks(train: Callable[[LoraConfig], Mapping], evaluate: Mapping[str, C
     for rank in ranks:
         config = config_for(rank)
         adapter = Adapter(config, train(config))
-        spectra = analysis.spectrum(adapter, base_params=base_params).values()
+        spectra = analysis.spectrum(base_params, adapter).values()
         alphas = {config.alpha_for(s.name) for s in spectra}
         rows.append(SweepRow(
-            rank=rank, alpha=alphas.pop() if len(alphas) == 1 else math.nan, trainable=count_params(adapter.lora),
+            rank=rank, alpha=alphas.pop() if len(alphas) == 1 else math.nan,
+            trainable=count_params(adapter.lora_params),
             losses={name: float(fn(adapter)) for name, fn in evaluate.items()},
             mean_effective_rank=float(np.mean([s.effective_rank for s in spectra])),
             energy_rank=float(np.median([s.rank_for_energy(energy) for s in spectra]))))
@@ -281,7 +282,7 @@ class InterferenceStudy:
 
     def to_dict(self) -> dict:
         f = self.functional
-        return {"format": "lora_jax.demo.study.interference/1", "settings": self.settings, "names": list(self.names),
+        return {"format": "lora_jax.app.demo.study.interference/1", "settings": self.settings, "names": list(self.names),
                 "side": self.side, "overlap": self.overlap.tolist(), "alone": f.alone.tolist(),
                 "together": f.together.tolist(), "increase": f.increase.tolist()}
 
@@ -341,11 +342,11 @@ def measure_interference(adapters: Mapping[str, Adapter], evaluate: Callable[[st
     overlap = np.zeros((len(names), len(names)))
     for i, first in enumerate(names):
         for j, second in enumerate(names):
-            layers = analysis.subspace_overlap(adapters[first], adapters[second], base_params=base_params, side=side)
+            layers = analysis.subspace_overlap(base_params, adapters[first], adapters[second], side=side)
             if not layers:
                 raise ValueError(f"interference: {first!r} and {second!r} share no layer with a nonzero delta")
             overlap[i, j] = np.mean([o.overlap for o in layers.values()])
-    functional = analysis.interference(adapters, evaluate, base_params=base_params)
+    functional = analysis.interference(base_params, adapters, evaluate)
     return InterferenceStudy(names, overlap, functional, side, dict(settings or {}))
 
 
@@ -440,7 +441,7 @@ class DemoTask:
 
     def evaluate(self, corpus: str, adapter: Adapter | None) -> float:
         """Held-out loss (nats per byte) on ``corpus`` with ``adapter`` merged in (``None``: the base model)."""
-        params = self.base if adapter is None else merge(self.base, adapter.lora, adapter.config)
+        params = self.base if adapter is None else merge(self.base, adapter.lora_params, adapter.config)
         return float(self._loss(params, self.heldout[corpus]))
 
     def train(self, config: LoraConfig, corpus: str, *, seed: int, train_rank: int | None = None,
@@ -462,7 +463,7 @@ class DemoTask:
         batches = data.train_batches(self.corpora[corpus].train, seq_len=self.seq_len, batch_size=self.batch_size,
                                      seed=seed)
         first = jnp.asarray(next(batches))
-        lora = init_lora(config, self.module, self.base, first, rng=jax.random.key(seed))
+        lora = init_lora(self.module, self.base, config, first, rng=jax.random.key(seed))
         train_rank = train_rank or rank
         if train_rank < rank:
             raise ValueError(f"DemoTask.train: train_rank {train_rank} is below the rank {rank}")
@@ -590,15 +591,15 @@ def truncation_study(*, rank: int = 32, energies: Sequence[float] = (0.99, 0.9, 
     full = Adapter(config, demo.train(config, task, seed=seed, label=f"rank {rank}"))
     logits = jax.jit(lambda params, ids: demo.module.apply({"params": params}, ids))
     ids = demo.heldout[task]
-    reference_logits = logits(merge(demo.base, full.lora, full.config), ids)
+    reference_logits = logits(merge(demo.base, full.lora_params, full.config), ids)
     settings = [("full", full, 0.0)]
     for energy in energies:
-        cut = analysis.truncate(full, base_params=demo.base, energy=energy)
+        cut = analysis.truncate(demo.base, full, energy=energy)
         settings.append((f"energy {energy:g}", cut.adapter, max(cut.errors.values())))
     rows = []
     for label, adapter, error in settings:
-        out = logits(merge(demo.base, adapter.lora, adapter.config), ids)
-        rows.append({"setting": label, "trainable": count_params(adapter.lora), "weight_error": error,
+        out = logits(merge(demo.base, adapter.lora_params, adapter.config), ids)
+        rows.append({"setting": label, "trainable": count_params(adapter.lora_params), "weight_error": error,
                      "loss": float(causal_lm_loss(out, ids)),
                      "logit_diff": float(jnp.max(jnp.abs(out - reference_logits)))})
     return TruncationStudy(task, rows)

@@ -1,6 +1,6 @@
 """The inputs of the ``lora-jax`` command: paths, model and adapter folders, tokenizers, training text.
 
-Kept apart from :mod:`lora_jax.cli` (the commands and their parser). Every
+Kept apart from :mod:`lora_jax.app.cli` (the commands and their parser). Every
 problem a user can fix surfaces here as a :class:`CliError` whose message
 names the file (and the line, for JSONL) at fault.
 """
@@ -20,7 +20,7 @@ from lora_jax import core
 from lora_jax.io import load_peft
 from lora_jax.io.names import to_torch
 from lora_jax.models import from_pretrained
-from lora_jax.tree import adapters, get_path, weight_name
+from lora_jax.tree import adapter_nodes, get_path, weight_name
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_KEY = "lora_jax_tokenizer"   # config.json key naming a built-in tokenizer
@@ -108,7 +108,7 @@ def load_adapter(adapter_dir: str, option: str = "--adapter"):
 
 def check_adapter_fits(lora, base, adapter_dir: str) -> None:
     """Raises :class:`CliError` unless every adapter has a layer in ``base`` with a weight of matching shape."""
-    for path, node in adapters(lora).items():
+    for path, node in adapter_nodes(lora).items():
         where = f"adapter {adapter_dir!r} does not fit the base model: layer {to_torch('/'.join(path))!r}"
         try:
             base_node = get_path(base, path)
@@ -128,8 +128,8 @@ def load_fitting_adapter(base, adapter_dir: str | None):
     if adapter_dir is None:
         return None, None
     adapter = load_adapter(adapter_dir)
-    check_adapter_fits(adapter.lora, base, adapter_dir)
-    return jax.tree.map(jnp.asarray, adapter.lora), adapter.config
+    check_adapter_fits(adapter.lora_params, base, adapter_dir)
+    return jax.tree.map(jnp.asarray, adapter.lora_params), adapter.config
 
 
 def eos_token_id(model_dir: str, hf_config: Mapping) -> int | None:
@@ -168,7 +168,7 @@ class HFTokenizer:
     name = TOKENIZER_FILE
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer   # deferred: optional (the app extra), only for a tokenizer.json
 
         try:
             self._tok = Tokenizer.from_file(path)

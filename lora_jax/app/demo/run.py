@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 import lora_jax as L
-from lora_jax.demo import data, pretrain
-from lora_jax.demo.report import write_report
+from lora_jax.app.demo import data, pretrain
+from lora_jax.app.demo.report import write_report
 from lora_jax.io import save_peft
 from lora_jax.io.progress import loss_progress
 from lora_jax.models import causal_lm_loss, generate
@@ -118,11 +118,20 @@ def _corpora(args):
     return prose, dialect
 
 
+def _adapted_forward(model, config):
+    """The forward :func:`generate` calls, with the adapters (``params[1]``) applied unmerged."""
+    adapted = L.lora_apply(model, config)
+    return lambda params, ids, cache: adapted(params[0], params[1], ids, cache=cache)
+
+
 def _samples(model, params, lora=None, config=None, *, seed: int, tokens: int) -> dict:
+    forward = None   # one forward for every prompt: the decoding loop compiles once per prompt length
+    if config is not None:
+        params, forward = (params, lora), _adapted_forward(model, config)
     out = {}
     for name, prompt in PROMPTS.items():
         ids = jnp.asarray(data.encode(prompt))[None, :]
-        result = generate(model, params, ids, max_new_tokens=tokens, lora=lora, config=config,
+        result = generate(model, params, ids, max_new_tokens=tokens, apply=forward,
                           temperature=0.7, top_k=20, rng=jax.random.key(seed))
         out[name] = prompt + data.decode(np.asarray(result)[0, ids.shape[1]:])
     return out
@@ -153,7 +162,7 @@ def _lora_finetune(args, model, base, dialect, windows, show):
     """Trains a LoRA adapter; returns the run's measurements, the adapter, its config and apply function."""
     batch0 = jnp.asarray(next(_batches(args, dialect)))
     cfg = L.LoraConfig(rank=args.rank, alpha=args.alpha, targets=("attention", "mlp"))
-    lora = L.init_lora(cfg, model, base, batch0, rng=jax.random.key(args.seed))
+    lora = L.init_lora(model, base, cfg, batch0, rng=jax.random.key(args.seed))
     apply = L.lora_apply(model, cfg)
     lora_eval = _loss_eval(lambda adapter, ids: apply(base, adapter, ids))
     evaluate = lambda state: (lora_eval(state[0], windows["dialect"]), lora_eval(state[0], windows["base"]))
@@ -186,7 +195,7 @@ def _checks(model, base, base_copy, lora, cfg, apply, probe) -> dict:
 def _save(out: Path, base_dir, base, lora, cfg, params) -> dict:
     """Writes the adapter (PEFT) and the fully fine-tuned model (as the base is stored); returns file sizes."""
     adapter_dir, full_dir = out / "adapter", out / "full_finetuned"
-    save_peft(adapter_dir, lora, cfg, base_params=base, task_type="CAUSAL_LM", base_model_name_or_path=str(base_dir))
+    save_peft(adapter_dir, base, lora, cfg, task_type="CAUSAL_LM", base_model_name_or_path=str(base_dir))
     pretrain.save_base(full_dir, params)   # the same format as the shipped base (bfloat16)
     return {"adapter": os.path.getsize(adapter_dir / "adapter_model.safetensors"),
             "base": os.path.getsize(Path(base_dir) / "model.safetensors"),
@@ -245,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_from_argv(argv: list[str] | None = None) -> int:
-    """``python -m lora_jax.demo.run [flags]``: the demo without the CLI wrapper."""
+    """``python -m lora_jax.app.demo.run [flags]``: the demo without the CLI wrapper."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))

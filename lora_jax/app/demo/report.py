@@ -60,7 +60,7 @@ def _table(rows, header) -> str:
 
 def plot(out: Path, result: dict) -> Path:
     """Held-out loss curves of both methods on both held-out sets, as a PNG."""
-    import matplotlib
+    import matplotlib   # deferred: optional (the app extra) and slow to import, only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,7 +128,7 @@ def markdown(result: dict, plot_name: str) -> str:
 
 def print_summary(result: dict) -> None:
     """The one-screen table (rich) of the measured claims."""
-    from rich.console import Console
+    from rich.console import Console   # deferred: only when the table is shown
     from rich.table import Table
 
     table = Table(title="lora_jax demo: full fine-tuning vs LoRA")

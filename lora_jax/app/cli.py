@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
@@ -31,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax import backend
+from lora_jax import __version__, backend, factors
 from lora_jax.analysis import effective_rank
-from lora_jax.cli_data import (CliError, encode_checked, eos_token_id, existing_file, fingerprint, folder_bytes,
+from lora_jax.app.demo import run as demo_run
+from lora_jax.app.demo import study
+from lora_jax.app.cli_data import (CliError, encode_checked, eos_token_id, existing_file, fingerprint, folder_bytes,
                                load_adapter, load_fitting_adapter, load_model, load_tokenizer, read_documents,
                                read_json, tokenize_documents, window_batch)
 from lora_jax.config import LoraConfig
@@ -44,7 +45,7 @@ from lora_jax.linen import init_lora, lora_apply
 from lora_jax.models import from_pretrained, generate, save_pretrained
 from lora_jax.models.hf import config_to_hf
 from lora_jax.train import make_train_step
-from lora_jax.tree import adapters, count_params, merge
+from lora_jax.tree import adapter_nodes, count_params, merge
 
 PROG = "lora-jax"
 CHECKPOINTS = "checkpoints"
@@ -56,7 +57,7 @@ REWRITTEN_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
 RESUME_KEYS = ("data_tokens", "rank", "alpha", "targets", "dropout", "lr", "weight_decay", "max_grad_norm",
                "batch_size", "seq_len", "seed")
 
-__all__ = ["CliError", "build_parser", "delta_singular_values", "main", "spectrum_summary"]
+__all__ = ["CliError", "build_parser", "main", "spectrum_summary"]
 
 
 # ---- shared helpers
@@ -125,7 +126,7 @@ def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
             batch = jnp.asarray(window_batch(tokens, seed=args.seed, step=i, batch_size=args.batch_size,
                                              seq_len=args.seq_len))
             rng = jax.random.fold_in(state.rng, i) if dropout else None
-            lora, opt_state, metrics = step_fn(state.lora, state.opt_state, base, batch, rng)
+            lora, opt_state, metrics = step_fn(state.lora_params, state.opt_state, base, batch, rng)
             state = TrainState(lora, opt_state, i + 1, state.rng)
             losses.append(float(metrics["loss"]))
             if not math.isfinite(losses[-1]):
@@ -165,7 +166,7 @@ def run_train(args) -> int:
     config = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), dropout=args.dropout)
     key_lora, key_dropout = jax.random.split(jax.random.key(args.seed))
     sample = jnp.zeros((args.batch_size, args.seq_len), jnp.int32)
-    lora = init_lora(config, module, base, sample, rng=key_lora)
+    lora = init_lora(module, base, config, sample, rng=key_lora)
     tx, step_fn = _train_step(module, config, args.lr, args.weight_decay, args.max_grad_norm)
     # Committed to the device, as restored arrays are, so both start the same compiled step.
     state = TrainState(*jax.device_put((lora, tx.init(lora)), backend.current(), may_alias=False), step=0,
@@ -173,7 +174,7 @@ def run_train(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     if not args.resume:
         with open(os.path.join(args.out, RUN_FILE), "w") as f:
-            json.dump({"format": "lora_jax.cli.train/1", **settings}, f, indent=2)
+            json.dump({"format": "lora_jax.app.cli.train/1", **settings}, f, indent=2)
     with Checkpointer(ckpt_dir, base_ref=os.path.abspath(args.model)) as ckpt:
         if args.resume:
             state = ckpt.restore(state, base=base)
@@ -181,14 +182,14 @@ def run_train(args) -> int:
         state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0)
         ckpt.save(state, base=base)
         steps_saved = ckpt.all_steps()
-    files = save_peft(args.out, state.lora, config, base_params=base, task_type="CAUSAL_LM",
+    files = save_peft(args.out, base, state.lora_params, config, task_type="CAUSAL_LM",
                       base_model_name_or_path=args.model)
     _print_train_summary(args, base, state, losses, files, steps_saved, len(tokens))
     return 0
 
 
 def _print_train_summary(args, base, state, losses, files, steps_saved, n_tokens):
-    trainable, total = count_params(state.lora), count_params(base)
+    trainable, total = count_params(state.lora_params), count_params(base)
     print(f"trainable parameters: {trainable:,} ({100 * trainable / total:.2f}% of the base model's {total:,})")
     if losses:
         first = state.step - len(losses) + 1
@@ -245,7 +246,7 @@ def run_merge(args) -> int:
     unmerged = _forward(module, config)(base, lora, ids)
     merged = _forward(module, None)(reread, None, ids)
     diff = float(jnp.max(jnp.abs(merged - unmerged)))
-    print(f"merged the {len(adapters(lora))} layers of {args.adapter} into {args.model}'s weights; "
+    print(f"merged the {len(adapter_nodes(lora))} layers of {args.adapter} into {args.model}'s weights; "
           f"wrote {', '.join(files)} to {args.out}")
     print(f"check: max |logit difference| merged vs unmerged on a {ids.shape[1]}-token probe: {diff:.3g} "
           f"(logits up to {float(jnp.max(jnp.abs(unmerged))):.3g})")
@@ -253,6 +254,14 @@ def run_merge(args) -> int:
 
 
 # ---- generate
+
+def decoder(module, base_params, lora_params, config: LoraConfig | None):
+    """``(params, apply)`` for :func:`~lora_jax.models.generate`: the base alone, or base and adapters unmerged."""
+    if config is None:
+        return base_params, None
+    adapted = lora_apply(module, config)
+    return (base_params, lora_params), lambda p, ids, cache: adapted(p[0], p[1], ids, cache=cache)
+
 
 def run_generate(args) -> int:
     _use_backend(args)
@@ -266,7 +275,8 @@ def run_generate(args) -> int:
     if args.top_k is not None and args.top_k > vocab:
         raise CliError(f"--top-k {args.top_k} exceeds the vocabulary size {vocab}", code=2)
     eos = eos_token_id(args.model, hf)
-    out = generate(module, base, prompt[None, :], max_new_tokens=args.max_new_tokens, lora=lora, config=config,
+    params, forward = decoder(module, base, lora, config)
+    out = generate(module, params, prompt[None, :], max_new_tokens=args.max_new_tokens, apply=forward,
                    temperature=args.temperature, top_k=args.top_k, rng=jax.random.key(args.seed),
                    eos_token_id=eos)
     new = [int(t) for t in np.asarray(out)[0, prompt.size:]]
@@ -277,23 +287,6 @@ def run_generate(args) -> int:
 
 
 # ---- inspect
-
-def delta_singular_values(a, b, scale: float) -> np.ndarray:
-    """The singular values of ``scale * a @ b`` from the factors alone, largest first.
-
-    With ``a = Q_a R_a`` and ``b.T = Q_b R_b`` (thin QR), ``a @ b = Q_a (R_a R_b^T) Q_b^T``
-    and the orthonormal ``Q`` factors keep singular values, so only the small
-    ``r x r`` core is decomposed; the ``[in, out]`` delta is never formed.
-
-    >>> a = np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]); b = np.eye(2)
-    >>> delta_singular_values(a, b, 0.5).tolist()
-    [1.0, 0.5]
-    """
-    a = np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1])
-    b = np.asarray(b, np.float64).reshape(np.shape(b)[0], -1)
-    core_ = np.linalg.qr(a, mode="r") @ np.linalg.qr(b.T, mode="r").T
-    return np.linalg.svd(core_, compute_uv=False) * abs(scale)
-
 
 def spectrum_summary(sigma: np.ndarray) -> tuple[float, float, float]:
     """``(top singular value, effective rank, top-1 energy share)``.
@@ -318,15 +311,15 @@ def run_inspect(args) -> int:
     print(f"targets: {peft.get('target_modules')}  rank {peft.get('r')}, alpha {peft.get('lora_alpha')}, "
           f"rsLoRA {'on' if cfg.use_rslora else 'off'}, dropout {cfg.dropout}")
     size = os.path.getsize(os.path.join(args.adapter_dir, "adapter_model.safetensors"))
-    layers = adapters(adapter.lora)
-    print(f"parameters: {count_params(adapter.lora):,} in {len(layers)} layers; "
+    layers = adapter_nodes(adapter.lora_params)
+    print(f"parameters: {count_params(adapter.lora_params):,} in {len(layers)} layers; "
           f"adapter_model.safetensors: {size:,} bytes")
     header = ("layer", "in x out", "rank", "alpha", "scale", "top sigma", "eff. rank", "top-1 energy")
     rows = []
     for path, node in layers.items():
         name, rank = "/".join(path), int(np.shape(node["a"])[-1])
         scale = cfg.scaling(name, rank)
-        top, eff, share = spectrum_summary(delta_singular_values(node["a"], node["b"], scale))
+        top, eff, share = spectrum_summary(factors.singular_values(node["a"], node["b"], scale))
         rows.append((to_torch(name), f"{np.shape(node['a'])[0]} x {np.shape(node['b'])[-1]}", str(rank),
                      f"{cfg.alpha_for(name):g}", f"{scale:.4g}", f"{top:.4g}", f"{eff:.2f}",
                      "-" if math.isnan(share) else f"{100 * share:.1f}%"))
@@ -336,36 +329,14 @@ def run_inspect(args) -> int:
     return 0
 
 
-# ---- demo (lora_jax/demo/run.py, imported only when the command is "demo")
-
-def _demo_module():
-    try:
-        demo = importlib.import_module("lora_jax.demo.run")
-    except Exception as err:  # noqa: BLE001 -- any failure to import means "no demo here"
-        return None, f"{type(err).__name__}: {err}"
-    return demo, None
-
+# ---- demo (lora_jax/app/demo/run.py)
 
 def run_demo(args) -> int:
-    demo, problem = _demo_module()
-    if demo is None:
-        raise CliError(f"the demo is not available ({problem})")
     _use_backend(args)
-    return int(demo.main(args) or 0)
+    return int(demo_run.main(args) or 0)
 
 
-# ---- sweep and interference (lora_jax/demo/study.py, imported only when one of them runs)
-
-STUDY_RANKS = (1, 2, 4, 8, 16, 32, 64)      # lora_jax.demo.study.DEFAULT_RANKS
-STUDY_CORPORA = ("prose", "code", "shout")  # lora_jax.demo.study.CORPORA
-
-
-def _study_module():
-    try:
-        return importlib.import_module("lora_jax.demo.study")
-    except Exception as err:  # noqa: BLE001 -- any failure to import means "no studies here"
-        raise CliError(f"the studies are not available ({type(err).__name__}: {err})") from None
-
+# ---- sweep and interference (lora_jax/app/demo/study.py)
 
 def _study_budget(args) -> dict:
     return dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -381,7 +352,6 @@ def _print_study(result, out: str) -> None:
 def run_sweep(args) -> int:
     if len(set(args.ranks)) != len(args.ranks):
         raise CliError(f"--ranks repeats a rank: {' '.join(map(str, args.ranks))}", code=2)
-    study = _study_module()
     _use_backend(args)
     _print_study(study.rank_sweep(args.ranks, alpha_per_rank=args.alpha_per_rank, **_study_budget(args)), args.out)
     return 0
@@ -390,7 +360,6 @@ def run_sweep(args) -> int:
 def run_interference(args) -> int:
     if len(set(args.corpora)) != len(args.corpora) or len(args.corpora) < 2:
         raise CliError(f"--corpora needs at least two distinct corpora, got {' '.join(args.corpora)}", code=2)
-    study = _study_module()
     _use_backend(args)
     _print_study(study.interference_study(args.corpora, rank=args.rank, alpha=args.alpha, **_study_budget(args)),
                  args.out)
@@ -500,16 +469,16 @@ def _add_study_budget(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=_positive_int, nargs="+", default=list(STUDY_RANKS), metavar="R",
-                   help=f"the ranks to train (default {' '.join(map(str, STUDY_RANKS))})")
+    p.add_argument("--ranks", type=_positive_int, nargs="+", default=list(study.DEFAULT_RANKS), metavar="R",
+                   help=f"the ranks to train (default {' '.join(map(str, study.DEFAULT_RANKS))})")
     p.add_argument("--alpha-per-rank", type=_positive_float, default=2.0, metavar="K",
                    help="alpha = K * rank, so every rank has scale K (default 2)")
     _add_study_budget(p, "lora_jax_sweep")
 
 
 def _add_interference_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpora", nargs="+", choices=STUDY_CORPORA, default=list(STUDY_CORPORA), metavar="NAME",
-                   help=f"one adapter per corpus, at least two of {', '.join(STUDY_CORPORA)} (default all; "
+    p.add_argument("--corpora", nargs="+", choices=study.CORPORA, default=list(study.CORPORA), metavar="NAME",
+                   help=f"one adapter per corpus, at least two of {', '.join(study.CORPORA)} (default all; "
                         f"shout is the prose in capitals)")
     p.add_argument("--rank", type=_positive_int, default=8, metavar="R", help="LoRA rank of every adapter (default 8)")
     p.add_argument("--alpha", type=_positive_float, default=16.0, metavar="ALPHA",
@@ -564,9 +533,9 @@ COMMANDS = {
         _add_inspect_arguments, run_inspect),
     "demo": Command(
         "run the built-in end-to-end demo",
-        "Run the built-in demo (lora_jax/demo/run.py).",
+        demo_run.__doc__.strip(),
         "  lora-jax demo\n  lora-jax demo --steps 50 --out /tmp/demo",
-        lambda p: None, run_demo),
+        demo_run.add_arguments, run_demo),
     "sweep": Command(
         "train the demo task at several ranks and compare",
         "On the demo's base model (a byte-level Llama that knows English prose), train LoRA on Python source\n"
@@ -600,28 +569,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
             p.add_argument(*flags, **kwargs)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``lora-jax`` parser; the demo's own options are added only when ``command == "demo"``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lora-jax`` parser: one subcommand per entry of ``COMMANDS``."""
     parser = argparse.ArgumentParser(prog=PROG, description="LoRA adapters for Hugging Face Llama models, in JAX.",
                                      epilog="Run 'lora-jax COMMAND --help' for a command's options and examples.")
-    from lora_jax import __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        add, description = cmd.add_arguments, cmd.description
-        if name == "demo" and command == "demo":
-            demo, _ = _demo_module()
-            if demo is not None:
-                add, description = demo.add_arguments, (demo.__doc__ or description).strip()
-        p = subparsers.add_parser(name, help=cmd.help, description=description, epilog="examples:\n" + cmd.examples,
+        p = subparsers.add_parser(name, help=cmd.help, description=cmd.description,
+                                  epilog="examples:\n" + cmd.examples,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        add(p)
+        cmd.add_arguments(p)
         _add_common(p)
     return parser
-
-
-def _command_of(argv: Sequence[str]) -> str | None:
-    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _error_message(err: BaseException) -> tuple[int, str]:
@@ -648,7 +608,7 @@ def _warnings_as_notes(prog: str):
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``lora-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_command_of(argv))
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a usage error argparse has already printed
