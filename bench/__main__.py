@@ -15,7 +15,8 @@ from pathlib import Path
 
 # name -> module under bench/; each has NAME, TITLE and run(mode) -> dict.
 BENCHMARKS = {"train_step": "bench.train_step", "nnx_step": "bench.nnx_step", "peers": "bench.peers",
-              "multi_adapter": "bench.multi_adapter", "dora": "bench.dora", "qlora": "bench.qlora"}
+              "multi_adapter": "bench.multi_adapter", "dora": "bench.dora", "qlora": "bench.qlora",
+              "architecture": "bench.architecture"}
 
 
 def main(argv=None) -> int:

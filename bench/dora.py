@@ -32,7 +32,7 @@ def run(mode: str = "quick", *, seed: int = 0) -> dict:
     tx = optax.adamw(train_step.LEARNING_RATE)
     model, cfg, params, lora, batch = train_step._build(seed)
     dora_cfg = dataclasses.replace(cfg, use_dora=True)
-    dora = lora_jax.init_lora(dora_cfg, model, params, batch, rng=jax.random.key(seed + 1))
+    dora = lora_jax.init_lora(model, params, dora_cfg, batch, rng=jax.random.key(seed + 1))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     runners = []
     for label, config, adapters, impl in (("LoRA fast", cfg, lora, "fast"), ("DoRA fast", dora_cfg, dora, "fast"),

@@ -88,7 +88,7 @@ def _build(model_kw: dict, batch: int, seq: int, seed: int):
     model = LlamaForCausalLM(config)
     params = jax.jit(model.init)(k_init, ids)["params"]
     cfg = lora_jax.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
-    lora = lora_jax.init_lora(cfg, model, params, ids, rng=k_lora, dtype=dtype)
+    lora = lora_jax.init_lora(model, params, cfg, ids, rng=k_lora, dtype=dtype)
     return config, model, cfg, params, lora, ids
 
 

@@ -32,7 +32,7 @@ TARGET = 1.10
 
 def _adapters(model, params, batch, cfg, n, seed):
     """``n`` adapters with random (non-zero) factors and different alphas."""
-    shapes = jax.eval_shape(lambda: lora_jax.init_lora(cfg, model, params, batch, rng=jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: lora_jax.init_lora(model, params, cfg, batch, rng=jax.random.key(0)))
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(n):
@@ -44,17 +44,17 @@ def _adapters(model, params, batch, cfg, n, seed):
 
 def _forwards(model, params, batch, adapters):
     one = next(iter(adapters.values()))
-    stacked = lora_jax.stack(adapters, base_params=params)
+    stacked = lora_jax.stack(params, adapters)
     ids = jnp.arange(BATCH, dtype=jnp.int32) % len(adapters)
     base_fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
     unmerged = jax.jit(lora_jax.lora_apply(model, one.config))
     mixed = jax.jit(lora_jax.lora_apply(model, stacked.config))
-    merged = lora_jax.merge(params, one.lora, one.config)
+    merged = lora_jax.merge(params, one.lora_params, one.config)
     return {
         "base": (base_fwd, (params, batch), {}),
         "merged": (base_fwd, (merged, batch), {}),
-        "one adapter": (unmerged, (params, one.lora, batch), {}),
-        f"mixed ({len(adapters)} adapters)": (mixed, (params, stacked.lora, batch), {"adapter_ids": ids}),
+        "one adapter": (unmerged, (params, one.lora_params, batch), {}),
+        f"mixed ({len(adapters)} adapters)": (mixed, (params, stacked.lora_params, batch), {"adapter_ids": ids}),
     }
 
 

@@ -86,7 +86,7 @@ def _logit_errors(model, bases, batch) -> dict:
 
 def _trained_errors(batch_size: int, seq: int) -> tuple[dict, dict]:
     """Logit errors and held-out loss on the demo's shipped pretrained model (trained weights, real text)."""
-    from lora_jax.demo import data, pretrain
+    from lora_jax.app.demo import data, pretrain
 
     model, params = pretrain.load_base()
     corpus = data.prose_corpus()
@@ -144,7 +144,7 @@ def run(mode: str = "quick", *, seed: int = 0) -> dict:
     trained, trained_info = _trained_errors(2 if mode == "smoke" else 8, 64 if mode == "smoke" else 256)
 
     cfg = lora_jax.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
-    lora = lora_jax.init_lora(cfg, model, bases["NF4"], batch, rng=k_lora)
+    lora = lora_jax.init_lora(model, bases["NF4"], cfg, batch, rng=k_lora)
     tx = optax.adamw(LEARNING_RATE)
     timed = SMOKE_TIMED if mode == "smoke" else TIMED
     runners = _runners(model, cfg, bases, lora, batch, tx, timed)

@@ -49,7 +49,7 @@ def _build(seed: int):
     batch = jax.random.randint(k_data, (BATCH, SEQ), 0, MODEL["vocab_size"], dtype=jnp.int32)
     params = jax.jit(model.init)(k_init, batch)["params"]
     cfg = lora_jax.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
-    lora = lora_jax.init_lora(cfg, model, params, batch, rng=k_lora)
+    lora = lora_jax.init_lora(model, params, cfg, batch, rng=k_lora)
     return model, cfg, params, lora, batch
 
 

@@ -52,13 +52,15 @@ def main(argv=None):
 
     model, base = from_pretrained(args.model)
     adapter = load_peft(args.adapter)
-    cfg, lora = adapter.config, adapter.lora
+    cfg, lora = adapter.config, adapter.lora_params
     print(f"model: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
           f"vocab {model.config.vocab_size}; adapter: rank {cfg.rank}, alpha {cfg.alpha}, targets {cfg.targets}")
     L.summary(base, lora, cfg, print_fn=lambda s: print(s.splitlines()[-1]))
 
     prompt = jnp.asarray([list(b"LoRA ")], jnp.int32)
-    tokens = generate(model, base, prompt, max_new_tokens=12, lora=lora, config=cfg)
+    adapted = L.lora_apply(model, cfg)
+    tokens = generate(model, (base, lora), prompt, max_new_tokens=12,
+                      apply=lambda p, ids, cache: adapted(p[0], p[1], ids, cache=cache))
     print("generated (adapter on, greedy):", np.asarray(tokens)[0].tolist())
 
     rng = np.random.default_rng(args.seed)
@@ -75,9 +77,9 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as out:
         adapter_dir, merged_dir = os.path.join(out, "adapter"), os.path.join(out, "merged")
-        save_peft(adapter_dir, lora, cfg, base_params=base, task_type="CAUSAL_LM", base_model_name_or_path=args.model)
+        save_peft(adapter_dir, base, lora, cfg, task_type="CAUSAL_LM", base_model_name_or_path=args.model)
         back = load_peft(adapter_dir)
-        same = all(jax.tree.leaves(jax.tree.map(np.array_equal, back.lora, jax.tree.map(np.asarray, lora))))
+        same = all(jax.tree.leaves(jax.tree.map(np.array_equal, back.lora_params, jax.tree.map(np.asarray, lora))))
         print(f"PEFT folder written and read back: tensors bitwise equal {same}")
         merged = L.merge(base, lora, cfg)
         save_pretrained(merged_dir, model, merged)

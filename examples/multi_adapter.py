@@ -31,12 +31,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import lora_jax
-from lora_jax.demo import data
-from lora_jax.demo.pretrain import load_base
+from lora_jax.app.demo import data
+from lora_jax.app.demo.pretrain import load_base
 from lora_jax.models.llama import causal_lm_loss
 
 NAMES = ("prose", "code", "shout")
@@ -65,7 +64,7 @@ def train_adapter(module, base, corpus, alpha: float, args, seed: int, steps: di
     first = jnp.asarray(next(batches))
     config = lora_jax.LoraConfig(rank=args.rank, alpha=alpha, targets=("attention", "mlp"))
     scale = alpha / args.rank   # config.scaling(layer) at every layer: no rank or alpha patterns here
-    lora = lora_jax.init_lora(config, module, base, first, rng=jax.random.key(seed))
+    lora = lora_jax.init_lora(module, base, config, first, rng=jax.random.key(seed))
     # Adam moves each factor entry by about lr per step and the delta is scale * A @ B, so a
     # larger alpha learns faster at the same rate; lr / scale keeps the runs comparable.
     tx = optax.adamw(args.lr / scale)
@@ -121,7 +120,7 @@ def main(argv=None):
     # 3. The set keeps the base's shapes only, and checks every adapter against them.
     aset = lora_jax.AdapterSet(base)
     for name, (config, lora) in trained.items():
-        aset = aset.add(name, config, lora)
+        aset = aset.add(name, lora, config)
     print(f"\n{aset}")
 
     # 4. Per-request switching. resolve() folds the adapter's scale into its factors: the config it
@@ -138,7 +137,7 @@ def main(argv=None):
         adapter = aset.disable().resolve() if name is None else resolved[name]   # disabled: None
         losses[name] = {}
         for corpus, ids in heldout.items():
-            logits = plain(base, ids) if adapter is None else fwd(base, adapter.lora, ids)
+            logits = plain(base, ids) if adapter is None else fwd(base, adapter.lora_params, ids)
             losses[name][corpus] = float(causal_lm_loss(logits, ids))
     print(f"\nheld-out loss (nats/byte), {args.eval_rows} windows of {args.seq_len} bytes per corpus")
     print(f"{'adapter':>13} " + " ".join(f"{c:>12}" for c in NAMES))
@@ -155,10 +154,10 @@ def main(argv=None):
             ("code", "shout"), ("shout", "code")]            # (adapter, text of the row)
     batch = jnp.stack([heldout[text][i % args.eval_rows] for i, (_, text) in enumerate(rows)])
     ids = stacked.ids([adapter for adapter, _ in rows])
-    logits = mixed(base, stacked.lora, batch, adapter_ids=ids)
+    logits = mixed(base, stacked.lora_params, batch, adapter_ids=ids)
     # The reference for each row: that row alone, through the plain module with its own adapter
     # merged into the weights (W + alpha/r * A @ B with the adapter's own alpha).
-    merged = {name: lora_jax.merge(base, aset[name].lora, aset[name].config) for name in NAMES}
+    merged = {name: lora_jax.merge(base, aset[name].lora_params, aset[name].config) for name in NAMES}
     diffs = []
     for i, (adapter, _) in enumerate(rows):
         row = batch[i:i + 1]
@@ -175,15 +174,15 @@ def main(argv=None):
     #    combination runs on the unmodified module (compiled already).
     print("\ncombine 0.5 * prose + 0.5 * code:")
     for method in ("cat", "svd", "linear"):
-        combined = lora_jax.combine([aset["prose"], aset["code"]], [0.5, 0.5], base_params=base, method=method)
+        combined = lora_jax.combine(base, [aset["prose"], aset["code"]], [0.5, 0.5], method=method)
         rank = combined.config.rank_for(next(iter(combined.errors)))
-        merged = lora_jax.merge(base, combined.lora, combined.config)
+        merged = lora_jax.merge(base, combined.lora_params, combined.config)
         loss = {c: float(causal_lm_loss(plain(merged, heldout[c]), heldout[c])) for c in ("prose", "code")}
         line = (f"combine {method}: max relative error {max(combined.errors.values()):.3g} over "
                 f"{len(combined.errors)} layers, rank {rank}; held-out loss prose {loss['prose']:.4f}, "
                 f"code {loss['code']:.4f}")
         if combined.config == cfg:   # svd and linear keep rank 8 (scale 1): the switching forward serves them
-            unmerged = float(causal_lm_loss(fwd(base, combined.lora, heldout["prose"]), heldout["prose"]))
+            unmerged = float(causal_lm_loss(fwd(base, combined.lora_params, heldout["prose"]), heldout["prose"]))
             line += f" (unmerged on the switching forward: prose {unmerged:.4f})"
         print(line)
     print(f"compilations of the switching forward after combining: {fwd._cache_size()}")

@@ -204,7 +204,7 @@ def main(argv=None):
     config = lora_jax.LoraConfig(rank=args.rank, alpha=args.rank, targets=("embedding",))
     train_rng = np.random.default_rng(args.seed + 1)
     first = jnp.asarray(windows(train_rng, args.batch_size, args.seq_len, emoji=0.5))
-    lora = lora_jax.init_lora(config, model, base, first, rng=jax.random.key(args.seed + 1))
+    lora = lora_jax.init_lora(model, base, config, first, rng=jax.random.key(args.seed + 1))
     a_shape, b_shape = lora["model"]["embed_tokens"]["a"].shape, lora["model"]["embed_tokens"]["b"].shape
     keep = np.zeros(a_shape, np.float32)
     keep[NEW_IDS] = 1.0

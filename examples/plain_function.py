@@ -70,7 +70,7 @@ def main(argv=None):
     frozen = jax.tree.map(np.asarray, params)
 
     config = lora_jax.LoraConfig(rank=4, alpha=8, targets=("hidden", "mix", "out"))
-    lora = init_lora_fn(config, params, rng=jax.random.key(args.seed))
+    lora = init_lora_fn(params, config, rng=jax.random.key(args.seed))
     apply = lora_apply_fn(mlp, config)
     print(f"adapters: {lora_jax.count_params(lora):,} trainable params for {lora_jax.count_params(params):,} "
           f"frozen (layers: {', '.join('/'.join(p) for p in lora_jax.adapter_paths(lora))})")

@@ -59,7 +59,7 @@ def main(argv=None):
     #    frozen head (std 0.02) could not produce confident logits on its own.
     #    scale = alpha / rank = 2. B starts at zero, so the adapted model starts equal to the base.
     config = lora_jax.LoraConfig(rank=8, alpha=16, targets=("attention", "mlp", "lm_head"))
-    lora = lora_jax.init_lora(config, model, base, eval_ids, rng=key_lora)
+    lora = lora_jax.init_lora(model, base, config, eval_ids, rng=key_lora)
     lora_jax.summary(base, lora, config)
 
     # `apply(base, lora, ids)` runs the model with the adapters; `apply(base, None, ids)` without.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from lora_jax.demo import study
+from lora_jax.app.demo import study
 
 
 def main(argv=None):

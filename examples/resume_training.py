@@ -48,7 +48,7 @@ def setup(seed: int):
     base = jax.jit(model.init)(key_model, ids)["params"]
     # The head is adapted too: a random base head could not become confident on its own.
     config = lora_jax.LoraConfig(rank=4, alpha=8, targets=("attention", "mlp", "lm_head"), dropout=0.1)
-    lora = lora_jax.init_lora(config, model, base, ids, rng=key_lora)
+    lora = lora_jax.init_lora(model, base, config, ids, rng=key_lora)
     tx = optax.adamw(1e-2)
     step = lora_jax.make_train_step(lora_jax.lora_apply(model, config),
                                     lambda m, x: causal_lm_loss(m(x), x), tx)
@@ -73,7 +73,7 @@ def setup(seed: int):
 def train(state, until, step, base, batch_of, ckpt=None, every=0):
     while state.step < until:
         rng, dropout_rng = jax.random.split(state.rng)
-        lora, opt_state, metrics = step(state.lora, state.opt_state, base, batch_of(state.step), dropout_rng)
+        lora, opt_state, metrics = step(state.lora_params, state.opt_state, base, batch_of(state.step), dropout_rng)
         state = TrainState(lora, opt_state, state.step + 1, rng)
         if ckpt is not None and state.step % every == 0:
             ckpt.save(state, base=base)
@@ -116,14 +116,14 @@ def main(argv=None):
         print("check: the same training without interruption")
         _, step, batch_of, initial = setup_out
         reference = train(initial(), args.steps, step, base, batch_of)
-        trees = [(s.lora, s.opt_state, jax.random.key_data(s.rng)) for s in (resumed, reference)]
+        trees = [(s.lora_params, s.opt_state, jax.random.key_data(s.rng)) for s in (resumed, reference)]
         same = [bool(np.array_equal(a, b)) for a, b in zip(*map(jax.tree.leaves, trees))]
         print(f"resumed == uninterrupted: {sum(same)}/{len(same)} arrays bitwise equal")
 
         with Checkpointer(ckpt_dir) as ckpt:
             step_bytes = directory_size(ckpt.step_directory(ckpt.latest_step()))
             print(f"\ncheckpoint directory: {directory_size(ckpt.directory):,} bytes for steps {ckpt.all_steps()}")
-        print(f"one checkpoint: {step_bytes:,} bytes (adapters {nbytes(resumed.lora):,} + optimizer state "
+        print(f"one checkpoint: {step_bytes:,} bytes (adapters {nbytes(resumed.lora_params):,} + optimizer state "
               f"{nbytes(resumed.opt_state):,} + metadata)")
         print(f"base params (referenced, not stored): {nbytes(base):,} bytes; "
               f"one checkpoint is {100 * step_bytes / nbytes(base):.1f}% of it")

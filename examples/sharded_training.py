@@ -73,7 +73,7 @@ def main(argv=None):
     # Created on one device here; a model too large for one would be created under
     # jax.jit(model.init, out_shardings=...) straight into its shards.
     base = jax.jit(model.init)(key_model, ids)["params"]
-    lora = lora_jax.init_lora(config, model, base, ids, rng=key_lora)
+    lora = lora_jax.init_lora(model, base, config, ids, rng=key_lora)
     tx = optax.adamw(1e-2)
 
     # 1-2. the plan: shardings of the base (by rules), the adapters and the optimizer state (derived)

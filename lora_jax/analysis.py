@@ -9,7 +9,6 @@ has one row per stacked layer). The math runs in float64 NumPy.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, NamedTuple
 
 import numpy as np

@@ -19,7 +19,7 @@ import pytest
 
 from lora_jax import LoraConfig, core, init_lora, lora_apply, merge, reference
 from lora_jax.functional import lora_apply_fn
-from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.optim import lora_plus
 from lora_jax.train import make_train_step
 from tests.tolerances import assert_close

@@ -21,7 +21,7 @@ import lora_jax
 from lora_jax import Adapter, AdapterSet, LoraConfig, combine, lora_apply, merge, reference, stack
 from lora_jax.io import load_peft, save_peft
 from tests.fixtures_data import model as fixture_model
-from tests.test_layers import CASES, _setup
+from tests.test_layers import _setup
 from tests.tolerances import assert_close
 
 # Layer name -> (weight name, weight shape); "blk/k" is a stacked (nn.scan-like) layer with 3 copies.
@@ -345,7 +345,7 @@ def test_mixed_batch_rows_match_reference(name):
     rows = ["ad0", "ad2", None, "ad1", "ad0"]
     y = lora_apply(case.module, stacked.config)(params, stacked.lora_params, x, method=case.method,
                                                 adapter_ids=stacked.ids(rows))
-    expected, magnitude = [], []
+    expected = []
     for i, row in enumerate(rows):
         lora = adapters[row].lora_params if row else jax.tree.map(jnp.zeros_like, lora0)
         scale = reference.scaling(alphas[int(row[-1])], 2) if row else 0.0

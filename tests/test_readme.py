@@ -43,10 +43,10 @@ def test_readme_peft_section_runs_and_round_trips():
     from tests.fixtures_data import reference
 
     back = load_peft(scope["out"])
-    assert jax.tree.all(jax.tree.map(np.array_equal, back.lora, scope["adapter"].lora))
+    assert jax.tree.all(jax.tree.map(np.array_equal, back.lora_params, scope["adapter"].lora_params))
     assert scope["tokens"].shape == (1, 13)
     ids = reference()["input_ids"]
-    peft = scope["L"].lora_apply(scope["model"], back.config)(scope["base"], back.lora, ids)
+    peft = scope["L"].lora_apply(scope["model"], back.config)(scope["base"], back.lora_params, ids)
     assert_close(peft, reference()["plain/unmerged"], what="README adapter vs PEFT logits")
     shutil.rmtree(scope["out"])
 
@@ -55,12 +55,12 @@ def test_readme_adapter_set_section_runs_and_rows_match():
     scope = _run_section("## Several adapters on one base")
     L, model, base, ids, adapters = (scope[k] for k in ("L", "model", "base", "ids", "adapters"))
     plain = adapters["plain"]
-    alone = L.lora_apply(model, plain.config)(base, plain.lora, ids)
+    alone = L.lora_apply(model, plain.config)(base, plain.lora_params, ids)
     assert_close(scope["logits"], alone, what="resolved 'plain' vs the adapter itself")
     assert_close(scope["rows"][0], alone[0], what="mixed row 0 (plain)")
     assert_close(scope["rows"][1], model.apply({"params": base}, ids[1:2])[0], what="mixed row 1 (base)")
     patterns = adapters["patterns"]
-    assert_close(scope["rows"][2], L.lora_apply(model, patterns.config)(base, patterns.lora, ids[2:3])[0],
+    assert_close(scope["rows"][2], L.lora_apply(model, patterns.config)(base, patterns.lora_params, ids[2:3])[0],
                  what="mixed row 2 (patterns)")
     assert 0.0 < scope["worst"] < 1.0   # rank 4 cannot hold plain (4) + rslora (8) where both adapt
 
