@@ -197,9 +197,16 @@ def _positive_int(value):
     return int(value)
 
 
+# Scales are applied in float32: a larger alpha would make ``alpha / r`` overflow to inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _positive_float(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be a positive finite number, got {value!r}")
+    if value > FLOAT32_MAX:
+        raise ValueError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest value; the scale alpha / r is "
+                         f"applied in float32), got {value!r}")
     return float(value)
 
 

@@ -3,7 +3,11 @@
 ``load_peft``/``save_peft`` read and write Hugging Face PEFT LoRA folders;
 ``Checkpointer`` saves and restores a training run's ``TrainState`` with orbax;
 ``tensors`` reads and writes safetensors files; ``names`` maps module names
-between PyTorch and Flax.
+between PyTorch and Flax; ``fields`` reads JSON configs strictly. A damaged
+file raises a ``ValueError`` subclass naming the file and what is wrong:
+``SafetensorsFileError``, ``BadTensorError`` (non-float or non-finite tensor),
+``ConfigFieldError`` (a field of the wrong type or range),
+``TargetMismatchError`` (``target_modules`` against the stored tensors).
 """
 
 import importlib
@@ -13,7 +17,8 @@ import importlib
 _WHERE = {
     "Checkpointer": "checkpoint", "TrainState": "checkpoint", "base_fingerprint": "checkpoint",
     "directory_size": "checkpoint", "PeftAdapter": "peft", "UnsupportedAdapterError": "peft",
-    "load_peft": "peft", "save_peft": "peft", "names": None, "tensors": None,
+    "load_peft": "peft", "save_peft": "peft", "TargetMismatchError": "peft", "BadTensorError": "tensors",
+    "SafetensorsFileError": "tensors", "ConfigFieldError": "fields", "fields": None, "names": None, "tensors": None,
 }
 
 
@@ -28,4 +33,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Checkpointer", "PeftAdapter", "TrainState", "base_fingerprint", "directory_size", "UnsupportedAdapterError", "load_peft", "names", "save_peft", "tensors"]
+__all__ = ["BadTensorError", "Checkpointer", "ConfigFieldError", "PeftAdapter", "SafetensorsFileError",
+           "TargetMismatchError", "TrainState", "UnsupportedAdapterError", "base_fingerprint", "directory_size",
+           "fields", "load_peft", "names", "save_peft", "tensors"]

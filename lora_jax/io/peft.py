@@ -26,8 +26,9 @@ import jax
 import numpy as np
 
 from lora_jax import deprecation
-from lora_jax.config import Adapter, LoraConfig
+from lora_jax.config import FLOAT32_MAX, Adapter, LoraConfig
 from lora_jax.io import tensors as st
+from lora_jax.io.fields import ConfigFieldError, check_regex, get_bool, get_int, get_number, read_json
 from lora_jax.io.names import stack_layers, to_flax, to_torch, unstack_layers
 from lora_jax.tree import adapter_nodes, check_dora, get_path, set_path, weight_name
 
@@ -72,6 +73,10 @@ _SIDE = {"lora_A.weight": ("linear", "a"), "lora_B.weight": ("linear", "b"),
 
 class UnsupportedAdapterError(ValueError):
     """The adapter uses a PEFT feature that lora_jax cannot represent."""
+
+
+class TargetMismatchError(ValueError):
+    """``target_modules`` (or ``exclude_modules``, ``layers_to_transform``) and the file's tensors disagree."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +172,157 @@ def _group_tensors(raw: Mapping[str, np.ndarray], where: str):
 def _targets(cfg: Mapping, paths: list[str]) -> dict[str, Any]:
     """Our ``targets``/``exclude``: PEFT's name lists translated, else the exact layers in the file."""
     target, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
-    if isinstance(target, str) and target.lower() == "all-linear" and not exclude:
+    if _is_all_linear(target) and not exclude:
         return {"targets": ("all-linear",)}
-    if isinstance(target, (list, tuple)) and isinstance(exclude, (list, tuple, type(None))) and \
+    if isinstance(target, list) and isinstance(exclude, (list, type(None))) and \
             not cfg.get("layers_to_transform"):
         return {"targets": tuple(sorted(to_flax(t) for t in target)),
                 "exclude": tuple(sorted(to_flax(e) for e in exclude or ()))}
     return {"targets": tuple(paths)}
 
 
+def _is_all_linear(target) -> bool:
+    return isinstance(target, str) and target.lower() == "all-linear"
+
+
+def _module_list(cfg: Mapping, key: str, where: str):
+    """``target_modules``/``exclude_modules``: null, a regex string, or a list of non-empty names."""
+    value = cfg.get(key)
+    if value is None or _is_all_linear(value) and key == "target_modules":
+        return value
+    if isinstance(value, str):
+        return check_regex(value, where, key)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigFieldError(f"{where}: field {key!r} must be a regex string or a list of module names, "
+                               f"got {value!r}")
+    return value
+
+
+def _pattern_field(cfg: Mapping, key: str, where: str, check) -> dict:
+    """``rank_pattern``/``alpha_pattern``: ``{regex: value}`` with valid regexes and values."""
+    table = cfg.get(key) or {}
+    if not isinstance(table, dict):
+        raise ConfigFieldError(f"{where}: field {key!r} must be an object {{pattern: value}}, got {table!r}")
+    for pattern, value in table.items():
+        name = f"{key}[{pattern!r}]"
+        check_regex(rf"(.*\.)?({pattern})$", where, name)
+        check({name: value}, name, where)
+    return table
+
+
+def _layer_indices(cfg: Mapping, where: str):
+    """``layers_to_transform`` as a set of ints, or None."""
+    value = cfg.get("layers_to_transform")
+    if value is None or value == []:   # PEFT treats an empty list as "every layer"
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ConfigFieldError(f"{where}: field 'layers_to_transform' must be an int or a list of ints >= 0, "
+                               f"got {value!r}")
+    return set(values)
+
+
+def _read_fields(cfg: Mapping, where: str) -> dict[str, Any]:
+    """The fields of ``adapter_config.json`` that we use, each checked for its type and range."""
+    init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        raise ConfigFieldError(f"{where}: field 'init_lora_weights' must be true, false or a method name, "
+                               f"got {init!r}")
+    layers_pattern = cfg.get("layers_pattern")
+    if layers_pattern is not None and not (isinstance(layers_pattern, str) or isinstance(layers_pattern, list)
+                                           and all(isinstance(p, str) for p in layers_pattern)):
+        raise ConfigFieldError(f"{where}: field 'layers_pattern' must be a string or a list of strings, "
+                               f"got {layers_pattern!r}")
+    return {
+        "r": get_int(cfg, "r", where, 8),
+        "lora_alpha": get_number(cfg, "lora_alpha", where, 8.0, high=FLOAT32_MAX),
+        "lora_dropout": get_number(cfg, "lora_dropout", where, 0.0, low_inclusive=True, high=1.0),
+        "use_rslora": get_bool(cfg, "use_rslora", where), "use_dora": get_bool(cfg, "use_dora", where),
+        "init_lora_weights": init,
+        "rank_pattern": _pattern_field(cfg, "rank_pattern", where, lambda t, k, w: get_int(t, k, w)),
+        "alpha_pattern": _pattern_field(cfg, "alpha_pattern", where,
+                                        lambda t, k, w: get_number(t, k, w, high=FLOAT32_MAX)),
+        "target_modules": _module_list(cfg, "target_modules", where),
+        "exclude_modules": _module_list(cfg, "exclude_modules", where),
+        "layers_to_transform": _layer_indices(cfg, where),
+        "layers_pattern": [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern,
+    }
+
+
+def _selects(entries, module: str) -> bool:
+    """PEFT's rule: a string is a full-match regex, a list entry matches the name or a ``.``-suffix of it."""
+    if isinstance(entries, str):
+        return re.fullmatch(entries, module) is not None
+    return any(module == e or module.endswith("." + e) for e in entries)
+
+
+def _layer_index(module: str, layers_pattern) -> int | None:
+    """The layer number PEFT's ``layers_to_transform`` reads from a module name (its regexes)."""
+    patterns = [rf".*\.{re.escape(p)}\.(\d+)\." for p in layers_pattern] if layers_pattern else [r".*\.[^.]*\.(\d+)\."]
+    for pattern in patterns:
+        match = re.match(pattern, module)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _unselected(fields: Mapping, module: str, kind: str) -> str | None:
+    """Why the config does not select ``module`` (a layer of ``kind``), or None if it does."""
+    target, exclude, layers = fields["target_modules"], fields["exclude_modules"], fields["layers_to_transform"]
+    if _is_all_linear(target):
+        if kind != "linear":
+            return f"target_modules {target!r} selects Linear layers only, not the embedding {module!r}"
+    elif target is not None and not _selects(target, module):
+        return f"target_modules {target!r} does not select module {module!r}"
+    if exclude is not None and _selects(exclude, module):
+        return f"exclude_modules {exclude!r} excludes module {module!r}"
+    if layers is not None and _layer_index(module, fields["layers_pattern"]) not in layers:
+        return f"layers_to_transform {sorted(layers)} does not include the layer of module {module!r}"
+    return None
+
+
+def _check_targets(fields: Mapping, modules: Mapping[str, dict], where: str):
+    """Refuses tensors for modules the config does not select, and list targets with no tensors."""
+    for module in sorted(modules):
+        why = _unselected(fields, module, modules[module]["kind"])
+        if why:
+            raise TargetMismatchError(f"{where}: {WEIGHTS_FILE} holds tensors for a module the config does not select: "
+                             f"{why}")
+    target = fields["target_modules"]
+    unused = [t for t in target if not any(_selects([t], m) for m in modules)] if isinstance(target, list) else []
+    if unused:
+        raise TargetMismatchError(f"{where}: target_modules entries {unused} match no module with tensors in "
+                                  f"{WEIGHTS_FILE} (its modules: {sorted(modules)[:8]}"
+                                  f"{' ...' if len(modules) > 8 else ''})")
+
+
 def _pattern_table(values: dict[str, Any], default) -> tuple:
     return tuple((path, value) for path, value in values.items() if value != default)
 
 
+def _adapter_tree(modules: Mapping[str, dict], fields: Mapping, folder: str, dtype) -> tuple[dict, dict, dict]:
+    """``(lora tree, {layer: rank}, {layer: alpha})``; each module's rank checked against the config."""
+    ranks, alphas, lora = {}, {}, {}
+    for module in sorted(modules):
+        entry, layer = modules[module], to_flax(module)
+        expected_rank = peft_pattern_lookup(fields["rank_pattern"], module, fields["r"])
+        if entry["a"].shape[0] != expected_rank:
+            raise ValueError(f"{folder}: module {module!r} has rank {entry['a'].shape[0]} but the config's "
+                             f"r/rank_pattern give {expected_rank}")
+        ranks[layer] = expected_rank
+        alphas[layer] = float(peft_pattern_lookup(fields["alpha_pattern"], module, fields["lora_alpha"]))
+        if ("m" in entry) != fields["use_dora"]:
+            raise ValueError(f"{folder}: module {module!r} {'has' if 'm' in entry else 'lacks'} a "
+                             f"lora_magnitude_vector but the config's use_dora is {fields['use_dora']}")
+        node = {"a": entry["a"].T, "b": entry["b"].T, **({"m": entry["m"]} if "m" in entry else {})}
+        if dtype is not None:
+            node = {k: v.astype(dtype) for k, v in node.items()}
+        lora = set_path(lora, tuple(layer.split("/")), node)
+    return lora, ranks, alphas
+
+
 def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype=np.float32,
-              scan_layers: bool = False) -> PeftAdapter:
+              scan_layers: bool = False, check_finite: bool = True) -> PeftAdapter:
     """Reads a PEFT LoRA adapter folder into our layout.
 
     Args:
@@ -192,11 +333,26 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
         ``autocast_adapter_dtype``); ``None`` keeps the file's.
       scan_layers: stack ``model/layers_<i>`` adapters along a leading axis for
         a model built with ``scan_layers=True``.
+      check_finite: refuse tensors holding NaN or Inf (one ``np.isfinite``
+        pass per tensor). ``False`` is for experts inspecting a broken
+        adapter; tensors must still be floating point.
 
     Returns:
       a :class:`PeftAdapter`. Unknown config keys are ignored with a warning;
       features we cannot represent (lora_bias, modules_to_save, other
       PEFT methods, ...) raise :class:`UnsupportedAdapterError`.
+
+    Raises:
+      ConfigFieldError: ``adapter_config.json`` is not a JSON object, or a
+        field read has the wrong type or range (``r: 4.9``, ``use_rslora:
+        "false"``, an invalid ``rank_pattern`` regex), naming file and field.
+      TargetMismatchError: the file holds tensors for a module that
+        ``target_modules`` (PEFT's suffix / full-match regex rules),
+        ``exclude_modules`` or ``layers_to_transform`` do not select, or a
+        ``target_modules`` entry matches no module in the file.
+      lora_jax.io.tensors.BadTensorError: a tensor that is not floating point,
+        or (with ``check_finite``) holds NaN/Inf, naming file and tensor.
+      lora_jax.io.tensors.SafetensorsFileError: an unreadable weights file.
 
     >>> import tempfile
     >>> cfg = LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
@@ -212,35 +368,24 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
     config_path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder!r}")
-    with open(config_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(config_path)
     _check_supported(cfg, config_path)
-    modules, base_weights = _group_tensors(st.read(os.path.join(folder, WEIGHTS_FILE)), folder)
+    fields = _read_fields(cfg, config_path)
+    weights_path = os.path.join(folder, WEIGHTS_FILE)
+    raw = st.read(weights_path, require_float=True, check_finite=check_finite)
+    modules, base_weights = _group_tensors(raw, weights_path)
     if not modules:
         raise ValueError(f"{folder}: {WEIGHTS_FILE} holds no LoRA tensors")
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    use_dora = bool(cfg.get("use_dora"))
-    ranks, alphas, lora = {}, {}, {}
-    for module in sorted(modules):
-        entry, layer = modules[module], to_flax(module)
-        expected_rank = int(peft_pattern_lookup(cfg.get("rank_pattern") or {}, module, r))
-        if entry["a"].shape[0] != expected_rank:
-            raise ValueError(f"{folder}: module {module!r} has rank {entry['a'].shape[0]} but the config's "
-                             f"r/rank_pattern give {expected_rank}")
-        ranks[layer] = expected_rank
-        alphas[layer] = float(peft_pattern_lookup(cfg.get("alpha_pattern") or {}, module, alpha))
-        if ("m" in entry) != use_dora:
-            raise ValueError(f"{folder}: module {module!r} {'has' if 'm' in entry else 'lacks'} a "
-                             f"lora_magnitude_vector but the config's use_dora is {use_dora}")
-        node = {"a": entry["a"].T, "b": entry["b"].T, **({"m": entry["m"]} if use_dora else {})}
-        if dtype is not None:
-            node = {k: v.astype(dtype) for k, v in node.items()}
-        lora = set_path(lora, tuple(layer.split("/")), node)
-    config = LoraConfig(rank=r, alpha=alpha, **_targets(cfg, sorted(ranks)),
-                        dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=bool(cfg.get("use_rslora")),
-                        use_dora=use_dora,
-                        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default",
-                        rank_pattern=_pattern_table(ranks, r), alpha_pattern=_pattern_table(alphas, alpha))
+    _check_targets(fields, modules, config_path)
+    lora, ranks, alphas = _adapter_tree(modules, fields, folder, dtype)
+    r, alpha, use_dora = fields["r"], fields["lora_alpha"], fields["use_dora"]
+    try:
+        config = LoraConfig(rank=r, alpha=alpha, **_targets(cfg, sorted(ranks)), dropout=fields["lora_dropout"],
+                            use_rslora=fields["use_rslora"], use_dora=use_dora,
+                            init="gaussian" if fields["init_lora_weights"] == "gaussian" else "default",
+                            rank_pattern=_pattern_table(ranks, r), alpha_pattern=_pattern_table(alphas, alpha))
+    except ValueError as err:
+        raise ConfigFieldError(f"{config_path}: {err}") from None
     if scan_layers:
         lora = stack_layers(lora)
         config = dataclasses.replace(config, rank_pattern=_stacked(config.rank_pattern),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.io import tensors as st
+from lora_jax.io.fields import ConfigFieldError, read_json
 from lora_jax.io.names import stack_layers, to_torch, unstack_layers
 from lora_jax.models.llama import ROPE_TYPES, LlamaConfig, LlamaForCausalLM, RopeScaling
 
@@ -32,37 +33,58 @@ _PASSTHROUGH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "mlp_bias", "tie_word_embeddings")
 
 
-def _rope_from_hf(hf: Mapping) -> tuple[float, RopeScaling]:
+def _rope_from_hf(hf: Mapping, where: str) -> tuple[Any, RopeScaling]:
     """``(theta, scaling)`` from transformers 5's ``rope_parameters`` or 4's ``rope_theta``/``rope_scaling``."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = dict(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    sources = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        value = hf.get(key) or {}
+        if not isinstance(value, Mapping):
+            raise ConfigFieldError(f"{where}: field {key!r} must be an object, got {value!r}")
+        sources[key] = value
+    params, legacy = sources["rope_parameters"], sources["rope_scaling"]
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     source = params or legacy
     rope_type = source.get("rope_type", source.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"config.json: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+        raise ConfigFieldError(f"{where}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
     fields = {k: source[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                      "original_max_position_embeddings") if k in source}
     return theta, RopeScaling(rope_type, **fields)
 
 
-def config_from_hf(hf: Mapping, **overrides) -> LlamaConfig:
+def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> LlamaConfig:
     """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict; refuses other architectures.
+
+    Every field read is checked for its type and range (``num_key_value_heads: 0``,
+    a negative ``hidden_size``, ``rope_theta: 0``, a bool where an int belongs):
+    a :class:`~lora_jax.io.fields.ConfigFieldError` names ``where``, the field and the value.
 
     >>> config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}).head_dim
     16
+    >>> config_from_hf({"model_type": "llama", "vocab_size": 0})
+    Traceback (most recent call last):
+    ...
+    lora_jax.io.fields.ConfigFieldError: config.json: LlamaConfig.vocab_size must be a positive int, got 0
     """
     if hf.get("model_type") != "llama":
-        raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not supported; only 'llama' "
-                         f"(LlamaForCausalLM) checkpoints can be loaded")
+        raise ConfigFieldError(f"{where}: model_type {hf.get('model_type')!r} is not supported; only 'llama' "
+                               f"(LlamaForCausalLM) checkpoints can be loaded")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported; Llama uses 'silu'")
-    kwargs: dict[str, Any] = {k: hf[k] for k in _PASSTHROUGH if hf.get(k) is not None}
-    kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf)
-    dtype = DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), jnp.float32)
-    kwargs.update(dtype=dtype, param_dtype=dtype)
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+        raise ConfigFieldError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; Llama uses 'silu'")
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if name not in DTYPES and not {"dtype", "param_dtype"} <= set(overrides):
+        raise ConfigFieldError(f"{where}: field 'dtype' {name!r} is not supported (supported: {sorted(DTYPES)}); "
+                               f"pass dtype= and param_dtype= to choose the dtypes")
+    try:
+        kwargs: dict[str, Any] = {k: hf[k] for k in _PASSTHROUGH if hf.get(k) is not None}
+        kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, where)
+        kwargs.update(dtype=DTYPES.get(name), param_dtype=DTYPES.get(name))
+        kwargs.update(overrides)
+        return LlamaConfig(**kwargs)
+    except ConfigFieldError:
+        raise
+    except ValueError as err:
+        raise ConfigFieldError(f"{where}: {err}") from None
 
 
 def config_to_hf(config: LlamaConfig) -> dict:
@@ -134,7 +156,8 @@ def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, scan_layers: bool = False,
-                    remat: bool = False, show_progress: bool = True) -> tuple[LlamaForCausalLM, dict]:
+                    remat: bool = False, show_progress: bool = True,
+                    check_finite: bool = True) -> tuple[LlamaForCausalLM, dict]:
     """Reads a Hugging Face Llama folder; returns ``(module, params)``.
 
     Args:
@@ -145,6 +168,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
       scan_layers, remat: build the scanned (and rematerialised) variant; the
         params are stacked to match.
       show_progress: a progress bar while reading tensors.
+      check_finite: refuse weights holding NaN or Inf (one ``np.isfinite``
+        pass per tensor, on the host). ``False`` is for experts inspecting a
+        broken checkpoint; weights must still be floating point.
+
+    Raises:
+      lora_jax.io.fields.ConfigFieldError: ``config.json`` is not a JSON
+        object or a field has the wrong type or range (names file and field).
+      lora_jax.io.tensors.BadTensorError: a weight that is not floating point
+        (int8, bool, a header relabelled ``I32``) or holds NaN/Inf.
+      lora_jax.io.tensors.SafetensorsFileError: an unreadable file, or a shard
+        index pointing outside the folder or listing a tensor in two shards.
 
     >>> import tempfile
     >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
@@ -161,18 +195,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}")
-    with open(config_path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    hf = read_json(config_path)
     overrides: dict[str, Any] = {"scan_layers": scan_layers, "remat": remat}
     if dtype is not None:
         overrides["dtype"] = dtype
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
-    config = config_from_hf(hf, **overrides)
-    params = params_from_hf(st.read_folder(path, show_progress=show_progress), config)
+    config = config_from_hf(hf, where=config_path, **overrides)
+    tensors = st.read_folder(path, show_progress=show_progress, require_float=True, check_finite=check_finite)
+    params = params_from_hf(tensors, config)
     if scan_layers:
         params = stack_layers(params)
     return LlamaForCausalLM(config), jax.tree.map(jnp.asarray, params)

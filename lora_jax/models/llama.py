@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,31 @@ import numpy as np
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+_EXPECTED = {_positive_int: "a positive int", _positive_number: "a positive finite number", _is_bool: "a bool"}
+
+
+def _checked(owner: str, field: str, value, check):
+    """``value`` (ints as int, numbers as float) if ``check`` accepts it; else a ValueError naming the field."""
+    if not check(value):
+        raise ValueError(f"{owner}.{field} must be {_EXPECTED[check]}, got {value!r}")
+    if check is _positive_int:
+        return int(value)
+    return float(value) if check is _positive_number else bool(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +69,13 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope scaling type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+        for field in ("factor", "low_freq_factor", "high_freq_factor"):
+            object.__setattr__(self, field, _checked("rope_scaling", field, getattr(self, field), _positive_number))
+        _checked("rope_scaling", "original_max_position_embeddings", self.original_max_position_embeddings,
+                 _positive_int)
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be larger than "
+                             f"low_freq_factor ({self.low_freq_factor}) for llama3 rope scaling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +114,34 @@ class LlamaConfig:
     activation_sharding: Any = None
 
     def __post_init__(self):
+        for field, check in _FIELD_CHECKS.items():
+            if getattr(self, field) is not None or field not in ("num_key_value_heads", "head_dim"):
+                object.__setattr__(self, field, _checked("LlamaConfig", field, getattr(self, field), check))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"LlamaConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+                                 f"num_attention_heads ({self.num_attention_heads}) unless head_dim is given")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            raise ValueError(f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
 
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads
+
+
+# The type and range of each hyper-parameter (None, for the two defaults derived above, is allowed).
+_FIELD_CHECKS = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"), _positive_int),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta"), _positive_number),
+    **dict.fromkeys(("attention_bias", "mlp_bias", "tie_word_embeddings", "scan_layers", "remat"), _is_bool),
+}
 
 
 class RMSNorm(nn.Module):
