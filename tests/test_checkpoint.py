@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,54 @@ def test_like_that_does_not_fit_is_refused_with_the_path(tmp_path):
             ckpt.restore(TrainState(state.lora_params, sgd.init(state.lora_params), 0, state.rng))
         with pytest.raises(ValueError, match=r"'rng' was saved as typed key, but like.rng is raw"):
             ckpt.restore(TrainState(state.lora_params, state.opt_state, 0, jax.random.PRNGKey(0)))
+
+
+def test_restore_falls_back_to_the_newest_valid_step(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (2, 4, 6):
+            ckpt.save(_state(seed=step, step=step))
+    shutil.rmtree(tmp_path / "6" / "meta")   # a step with a missing item
+    (tmp_path / "9").mkdir()                  # an empty step directory
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [2, 4, 6, 9]
+        with pytest.warns(UserWarning, match=r"skipped checkpoint step 9: its 'state' and 'meta' items are "
+                                             r"missing; step 6: its 'meta' item is missing; using step 4"):
+            back = ckpt.restore(_state(step=0))
+        assert back.step == 4 and ckpt.latest_step() == 4
+        _assert_equal_trees(back.lora_params, _state(seed=4).lora_params)
+        with pytest.raises(ValueError, match=r"checkpoint step 6 .* cannot be restored: its 'meta' item is missing"):
+            ckpt.restore(_state(), step=6)
+        with pytest.raises(ValueError, match=r"cannot save step 6 .* not a valid checkpoint .*move it away"):
+            ckpt.save(_state(step=6))
+        # a later step still saves, although orbax alone would skip one older than the (empty) step 9
+        assert ckpt.save(_state(seed=8, step=8))
+        _assert_equal_trees(ckpt.restore(_state(), step=8).lora_params, _state(seed=8).lora_params)
+        assert ckpt.latest_step() == 8
+
+
+def test_a_renamed_step_is_skipped_with_the_reason(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (10, 25):
+            ckpt.save(_state(seed=step, step=step))
+    (tmp_path / "25").rename(tmp_path / "99")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.warns(UserWarning, match=r"skipped checkpoint step 99: it records step 25, not 99 "
+                                             r"\(a renamed directory\?\); using step 10"):
+            back = ckpt.restore(_state(step=0))
+    assert back.step == 10
+    _assert_equal_trees(back.lora_params, _state(seed=10).lora_params)
+
+
+def test_no_valid_step_is_a_clear_error(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(_state(step=3))
+    shutil.rmtree(tmp_path / "3" / "state")
+    (tmp_path / "5").mkdir()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() is None
+        with pytest.raises(FileNotFoundError, match=r"no valid checkpoint in .*: step 5: its 'state' and 'meta' "
+                                                    r"items are missing; step 3: its 'state' item is missing"):
+            ckpt.restore(_state())
 
 
 def test_directory_size_counts_the_files(tmp_path):

@@ -137,7 +137,7 @@ def test_resume_gives_bitwise_the_same_adapter(trained, paths):
 def test_resume_refuses_changed_settings(trained, paths):
     code, _, stderr = run("train", "--model", paths["model"], "--data", paths["data"], "--out", trained[0],
                           "--steps", 6, "--resume", "--lr", "0.01", *SHAPE)
-    assert code == 1 and ONE_LINE_ERROR.match(stderr)
+    assert code == 2 and ONE_LINE_ERROR.match(stderr)   # the command line contradicts the run: exit code 2
     assert "--lr 0.01 (the run used 0.001)" in stderr
     assert sorted(os.listdir(os.path.join(trained[0], "checkpoints"))) == ["2", "4"]
 
@@ -326,17 +326,23 @@ ERRORS = {
     "non-ascii bytes": (lambda p, a: ["train", "--model", p["model"], "--data", _non_ascii(p["root"]), "--out",
                                       p["root"] / "o5"], 1, "vocabulary has only 128 entries"),
     "checkpoints without --resume": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out", a],
-                                     1, "pass --resume"),
+                                     2, "pass --resume"),
+    "checkpoints with --overwrite": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out", a,
+                                                   "--overwrite"], 2, "replaces adapter files, never checkpoints"),
     "--resume without checkpoints": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out",
-                                                   p["root"] / "o6", "--resume"], 1, "no checkpoints"),
+                                                   p["root"] / "o6", "--resume"], 2, "no checkpoints"),
+    "--out is --model": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out", p["model"],
+                                       "--overwrite"], 2, "--out must not be the --model folder"),
+    "--out is a file": (lambda p, a: ["train", "--model", p["model"], "--data", p["data"], "--out", p["data"]],
+                        2, "is a file, expected a folder"),
     "adapter of another shape": (lambda p, a: ["merge", "--model", p["model"], "--adapter",
                                                os.path.join(FIXTURES, "adapters", "tied_attn"), "--out",
                                                p["root"] / "o7"], 1, "do not fit its weight [64, 32]"),
     "adapter of a missing layer": (lambda p, a: ["generate", "--model", p["model"], "--adapter",
                                                  _elsewhere_adapter(p["root"]), "--prompt", "hi"],
                                    1, "'model.layers.5.self_attn.q_proj' does not exist in the base model"),
-    "not a PEFT folder": (lambda p, a: ["inspect", p["model"]], 1, "is not a PEFT adapter folder"),
-    "not a model folder": (lambda p, a: ["generate", "--model", a, "--prompt", "hi"], 1, "no config.json"),
+    "not a PEFT folder": (lambda p, a: ["inspect", p["model"]], 2, "is not a PEFT adapter folder"),
+    "not a model folder": (lambda p, a: ["generate", "--model", a, "--prompt", "hi"], 2, "no config.json"),
     "no tokenizer": (lambda p, a: ["generate", "--model", _no_tokenizer_model(p["root"]), "--prompt", "hi"],
                      1, "no tokenizer.json"),
 }
@@ -355,6 +361,90 @@ def test_errors_are_one_line_without_traceback(case, debug, paths, trained):
     assert code == expected_code, stderr
     assert ONE_LINE_ERROR.match(stderr), stderr
     assert fragment in stderr and "Traceback" not in stderr and stdout == ""
+
+
+def _snapshot(folder) -> dict:
+    """``{relative path: bytes}`` of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_train_never_writes_a_non_finite_adapter(paths, tmp_path):
+    out = tmp_path / "diverged"
+    code, stdout, stderr = run("train", "--model", paths["model"], "--data", paths["data"], "--out", out,
+                               "--steps", 1, "--lr", "1e39", *SHAPE)
+    assert code == 1 and stdout == ""
+    error = stderr.splitlines()[-1]
+    assert error == ("lora-jax train: error: step 1: the update made 14,848 of the adapter's 14,848 values "
+                     "non-finite (inf or nan); stopped without writing them; try a lower --lr than 1e+39")
+    assert sorted(os.listdir(out)) == ["lora_jax_train.json"]   # no adapter, no checkpoint
+
+
+def test_train_refuses_to_replace_an_adapter_or_write_into_the_model(paths, tmp_path):
+    existing = tmp_path / "peft"
+    shutil.copytree(os.path.join(FIXTURES, "adapters", "plain"), existing)
+    before, model_before = _snapshot(existing), _snapshot(paths["model"])
+    common = ["train", "--model", paths["model"], "--data", paths["data"], "--steps", 1, *SHAPE]
+    code, stdout, stderr = run(*common, "--out", existing)
+    assert code == 2 and ONE_LINE_ERROR.match(stderr) and stdout == ""
+    assert (f"--out {str(existing)!r} already holds an adapter (adapter_config.json, adapter_model.safetensors); "
+            f"pass --overwrite to replace it, or choose another --out") in stderr
+    for extra in ([], ["--overwrite"]):
+        code, _, stderr = run(*common, "--out", paths["model"], *extra)
+        assert code == 2 and ONE_LINE_ERROR.match(stderr)
+        assert "--out must not be the --model folder (not even with --overwrite)" in stderr
+    assert _snapshot(existing) == before and _snapshot(paths["model"]) == model_before
+    code, _, stderr = run(*common, "--out", existing, "--overwrite")
+    assert code == 0, stderr
+    assert _snapshot(existing)["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+    assert _snapshot(paths["model"]) == model_before
+
+
+def test_resume_skips_a_broken_checkpoint_with_a_warning(trained, paths, tmp_path):
+    out = tmp_path / "adapter"
+    shutil.copytree(trained[0], out)
+    (out / "checkpoints" / "9").mkdir()   # empty: a copy that never finished
+    code, stdout, stderr = run("train", "--model", paths["model"], "--data", paths["data"], "--out", out,
+                               "--steps", 6, "--save-every", 2, "--resume", *SHAPE)
+    assert code == 0, stderr
+    assert "lora-jax train: warning: " in stderr and ("skipped checkpoint step 9: its 'state' and 'meta' items "
+                                                       "are missing; using step 4") in stderr
+    assert "resumed from step 4" in stderr and "(step 5) -> " in stdout
+    assert sorted(os.listdir(out / "checkpoints"), key=int) == ["4", "6", "9"]
+
+
+def test_an_error_prints_its_whole_message(paths, tmp_path):
+    code, stdout, stderr = run("train", "--model", paths["model"], "--data", paths["data"], "--out",
+                               tmp_path / "o", "--targets", "attn_typo", *SHAPE)
+    assert code == 2 and stdout == ""
+    lines = stderr.splitlines()
+    assert lines[0] == "lora-jax train: error: LoraConfig.targets entry 'attn_typo' matches no layer; " \
+                       "available layers:"
+    assert "  model/layers_1/mlp/down_proj (dense, in [96], out [64])" in lines and len(lines) == 17
+    assert not os.path.exists(tmp_path / "o" / "adapter_model.safetensors")
+
+
+def test_adapter_config_keeps_the_model_path_as_given(paths, tmp_path, monkeypatch):
+    monkeypatch.chdir(paths["root"])
+    out = tmp_path / "relative"
+    code, _, stderr = run("train", "--model", "model", "--data", paths["data"], "--out", out, "--steps", 1, *SHAPE)
+    assert code == 0, stderr
+    with open(out / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "model"
+    code, stdout, _ = run("inspect", out)
+    assert code == 0 and "base model: model  task: CAUSAL_LM" in stdout
+
+
+def test_inspect_wraps_the_target_names(trained):
+    code, stdout, stderr = run("inspect", trained[0])
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("targets: "))
+    block = [lines[start]] + [line for line in lines[start + 1:] if line.startswith(" " * len("targets: "))]
+    assert len(block) >= 2 and all(len(line) <= 100 for line in block)
+    with open(os.path.join(trained[0], "adapter_config.json")) as f:
+        names = json.load(f)["target_modules"]
+    assert " ".join(block)[len("targets: "):].replace(",", " ").split() == names
 
 
 def test_usage_errors_exit_with_2():

@@ -6,9 +6,22 @@ adapters are PEFT folders (``adapter_config.json`` +
 ``PeftModel.from_pretrained`` and what ``merge`` writes with
 ``AutoModelForCausalLM.from_pretrained``.
 
-A problem the user can fix prints one line, ``lora-jax <command>: error:
-<message>``, and exits with 2 (a wrong command line: a missing path, a bad
-value) or 1 (found while running); ``--debug`` shows the traceback instead.
+A problem the user can fix prints ``lora-jax <command>: error: <message>``
+(the whole message: a list it ends with, such as the available layers, is
+printed on indented lines after the first) and exits with
+
+- 2 when the command line is wrong, and changing it is the fix: an invalid
+  option value (also one found invalid only against the model, such as
+  ``--targets`` matching no layer or ``--top-k`` above the vocabulary), a
+  path that does not exist or is not the kind the option names (a file for
+  a folder, a folder that is not a model or PEFT adapter folder), an
+  ``--out`` that would overwrite something, or ``--resume`` that does not
+  fit the checkpoints (none, or other settings);
+- 1 when something is found while running: a damaged or malformed file
+  (JSON, JSONL, safetensors, checkpoint), data or an adapter that does not
+  fit the model, training whose values become non-finite.
+
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -50,6 +64,7 @@ from lora_jax.tree import adapter_nodes, count_params, merge
 PROG = "lora-jax"
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "lora_jax_train.json"          # the settings of a training run, checked on --resume
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")   # what train writes, and refuses to replace
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # config.json keys save_pretrained writes in another form; every other key of the base is carried over.
 REWRITTEN_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
@@ -112,10 +127,26 @@ def _check_same_run(out: str, settings: dict) -> None:
     changed = [k for k in RESUME_KEYS if saved.get(k) != settings[k]]
     if "data_tokens" in changed:
         raise CliError(f"--resume: the data differ from the checkpointed run's (tokens {settings['data_tokens']}, "
-                       f"the run had {saved.get('data_tokens')}); resuming would not reproduce it")
+                       f"the run had {saved.get('data_tokens')}); resuming would not reproduce it", code=2)
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {settings[k]} (the run used {saved.get(k)})" for k in changed)
-        raise CliError(f"--resume: settings differ from the checkpointed run: {diffs}")
+        raise CliError(f"--resume: settings differ from the checkpointed run: {diffs}", code=2)
+
+
+@jax.jit
+def _nonfinite_count(tree) -> jax.Array:
+    return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
+def _check_finite(args, step: int, loss: float, lora) -> None:
+    """Stops the run before a non-finite adapter can be saved: the loss, then the values the step produced."""
+    if not math.isfinite(loss):
+        raise CliError(f"step {step}: the loss is {loss}; stopped without writing this step; "
+                       f"try a lower --lr than {args.lr:g}")
+    bad = int(_nonfinite_count(lora))
+    if bad:
+        raise CliError(f"step {step}: the update made {bad:,} of the adapter's {count_params(lora):,} values "
+                       f"non-finite (inf or nan); stopped without writing them; try a lower --lr than {args.lr:g}")
 
 
 def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
@@ -129,8 +160,7 @@ def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
             lora, opt_state, metrics = step_fn(state.lora_params, state.opt_state, base, batch, rng)
             state = TrainState(lora, opt_state, i + 1, state.rng)
             losses.append(float(metrics["loss"]))
-            if not math.isfinite(losses[-1]):
-                raise CliError(f"step {i + 1}: the loss is {losses[-1]}; try a lower --lr")
+            _check_finite(args, i + 1, losses[-1], lora)
             bar.advance(losses[-1])
             if state.step % args.save_every == 0 or state.step == args.steps:
                 ckpt.save(state, base=base)
@@ -138,18 +168,42 @@ def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
     return state, losses
 
 
+def _check_out(args, ckpt_dir: str) -> None:
+    """Refuses an ``--out`` whose files a new run would replace (unless ``--overwrite``), and the model folder."""
+    if os.path.realpath(args.out) == os.path.realpath(args.model):
+        raise CliError("--out must not be the --model folder (not even with --overwrite): the adapter files would "
+                       "be written among the base model's", code=2)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out!r} is a file, expected a folder", code=2)
+    saved = _saved_steps(ckpt_dir)
+    if args.resume:
+        if not saved:
+            raise CliError(f"--resume: no checkpoints in {ckpt_dir!r}; drop --resume to start a new run", code=2)
+        return
+    if saved:
+        never = " (--overwrite replaces adapter files, never checkpoints)" if args.overwrite else ""
+        raise CliError(f"--out {args.out!r} already holds checkpoints (steps {saved}); pass --resume to continue "
+                       f"that run, or choose another --out{never}", code=2)
+    present = [n for n in ADAPTER_FILES if os.path.exists(os.path.join(args.out, n))]
+    if present and not args.overwrite:
+        raise CliError(f"--out {args.out!r} already holds an adapter ({', '.join(present)}); pass --overwrite to "
+                       f"replace it, or choose another --out", code=2)
+
+
+def _lora_config(args, module, base, sample, rng):
+    """``(config, adapters)``; a ``--targets``/``--rank`` the model cannot take is a command-line error."""
+    try:
+        config = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), dropout=args.dropout)
+        return config, init_lora(module, base, config, sample, rng=rng)
+    except ValueError as err:
+        raise CliError(str(err), code=2) from err
+
+
 def run_train(args) -> int:
     _use_backend(args)
     existing_file(args.data, "--data")
     ckpt_dir = os.path.join(args.out, CHECKPOINTS)
-    saved = _saved_steps(ckpt_dir)
-    if saved and not args.resume:
-        raise CliError(f"--out {args.out!r} already holds checkpoints (steps {saved}); pass --resume to continue "
-                       f"that run, or choose another --out")
-    if args.resume and not saved:
-        raise CliError(f"--resume: no checkpoints in {ckpt_dir!r}; drop --resume to start a new run")
-    if saved and saved[-1] > args.steps:
-        raise CliError(f"--resume: the latest checkpoint is step {saved[-1]}, beyond --steps {args.steps}")
+    _check_out(args, ckpt_dir)
     module, base, hf = load_model(args.model, show_progress=_interactive())
     tokenizer = load_tokenizer(args.model, hf)
     tokens = tokenize_documents(tokenizer, read_documents(args.data), module.config.vocab_size, args.data)
@@ -163,10 +217,9 @@ def run_train(args) -> int:
                 "seed": args.seed}
     if args.resume:
         _check_same_run(args.out, settings)
-    config = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), dropout=args.dropout)
     key_lora, key_dropout = jax.random.split(jax.random.key(args.seed))
     sample = jnp.zeros((args.batch_size, args.seq_len), jnp.int32)
-    lora = init_lora(module, base, config, sample, rng=key_lora)
+    config, lora = _lora_config(args, module, base, sample, key_lora)
     tx, step_fn = _train_step(module, config, args.lr, args.weight_decay, args.max_grad_norm)
     # Committed to the device, as restored arrays are, so both start the same compiled step.
     state = TrainState(*jax.device_put((lora, tx.init(lora)), backend.current(), may_alias=False), step=0,
@@ -178,6 +231,9 @@ def run_train(args) -> int:
     with Checkpointer(ckpt_dir, base_ref=os.path.abspath(args.model)) as ckpt:
         if args.resume:
             state = ckpt.restore(state, base=base)
+            if state.step > args.steps:
+                raise CliError(f"--resume: the latest checkpoint is step {state.step}, beyond --steps {args.steps}",
+                               code=2)
             _note(f"resumed from step {state.step} ({ckpt_dir})")
         state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0)
         ckpt.save(state, base=base)
@@ -288,6 +344,18 @@ def run_generate(args) -> int:
 
 # ---- inspect
 
+def _wrapped(label: str, names, width: int = 100) -> str:
+    """``label`` and ``names`` (a list, or PEFT's regex string) wrapped to ``width`` columns.
+
+    >>> print(_wrapped("targets: ", ["q_proj", "k_proj", "v_proj"], width=24))
+    targets: q_proj, k_proj,
+             v_proj
+    """
+    text = ", ".join(map(str, names)) if isinstance(names, (list, tuple)) else str(names)
+    return textwrap.fill(text, width, initial_indent=label, subsequent_indent=" " * len(label),
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def spectrum_summary(sigma: np.ndarray) -> tuple[float, float, float]:
     """``(top singular value, effective rank, top-1 energy share)``.
 
@@ -308,8 +376,9 @@ def run_inspect(args) -> int:
     cfg, peft = adapter.config, adapter.peft_config
     print(f"adapter: {args.adapter_dir}")
     print(f"base model: {peft.get('base_model_name_or_path')}  task: {peft.get('task_type')}")
-    print(f"targets: {peft.get('target_modules')}  rank {peft.get('r')}, alpha {peft.get('lora_alpha')}, "
-          f"rsLoRA {'on' if cfg.use_rslora else 'off'}, dropout {cfg.dropout}")
+    print(f"rank {peft.get('r')}, alpha {peft.get('lora_alpha')}, rsLoRA {'on' if cfg.use_rslora else 'off'}, "
+          f"dropout {cfg.dropout}")
+    print(_wrapped("targets: ", peft.get("target_modules")))
     size = os.path.getsize(os.path.join(args.adapter_dir, "adapter_model.safetensors"))
     layers = adapter_nodes(adapter.lora_params)
     print(f"parameters: {count_params(adapter.lora_params):,} in {len(layers)} layers; "
@@ -431,6 +500,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="write a checkpoint every N steps, and at the end (default 50)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in ADAPTER_DIR/checkpoints to --steps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the adapter files already in ADAPTER_DIR (never its checkpoints; never the "
+                        "--model folder)")
 
 
 def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
@@ -585,14 +657,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_message(err: BaseException) -> tuple[int, str]:
-    """``(exit code, one-line message)`` for an exception raised by a command."""
+    """``(exit code, message)`` for an exception raised by a command; lines after the first are indented."""
     if isinstance(err, CliError):
-        return err.code, str(err)
-    if isinstance(err, json.JSONDecodeError):
-        return 1, f"invalid JSON: {err}"
-    if isinstance(err, (UnsupportedAdapterError, ValueError, OSError, backend.BackendUnavailableError)):
-        return 1, str(err).splitlines()[0] if str(err) else type(err).__name__
-    return 1, f"unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)"
+        code, message = err.code, str(err)
+    elif isinstance(err, json.JSONDecodeError):
+        code, message = 1, f"invalid JSON: {err}"
+    elif isinstance(err, (UnsupportedAdapterError, ValueError, OSError, backend.BackendUnavailableError)):
+        code, message = 1, str(err) or type(err).__name__
+    else:
+        code, message = 1, f"unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)"
+    first, *rest = message.splitlines() or [""]
+    return code, "\n".join([first] + ["  " + line.strip() for line in rest if line.strip()])
 
 
 @contextlib.contextmanager

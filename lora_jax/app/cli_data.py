@@ -27,10 +27,12 @@ TOKENIZER_KEY = "lora_jax_tokenizer"   # config.json key naming a built-in token
 
 
 class CliError(Exception):
-    """A problem the user can fix; the command prints its message on one line and exits with ``code``.
+    """A problem the user can fix; the command prints its message and exits with ``code``.
 
-    ``code`` is 2 for a wrong command line (a path that does not exist, an
-    invalid option value) and 1 for a problem found while running.
+    ``code`` is 2 for a wrong command line (a path that does not exist or is
+    not the kind of folder the option names, an invalid option value) and 1
+    for a problem found while running (a damaged file, data that do not fit);
+    the rule in full is in :mod:`lora_jax.app.cli`'s docstring.
     """
 
     def __init__(self, message: str, code: int = 1):
@@ -84,7 +86,7 @@ def load_model(model_dir: str, *, show_progress: bool = False):
     existing_dir(model_dir, "--model")
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise CliError(f"--model {model_dir!r} is not a Hugging Face model folder (no config.json)")
+        raise CliError(f"--model {model_dir!r} is not a Hugging Face model folder (no config.json)", code=2)
     hf = read_json(config_path)
     try:
         module, params = from_pretrained(model_dir, show_progress=show_progress)
@@ -101,7 +103,7 @@ def load_adapter(adapter_dir: str, option: str = "--adapter"):
             # PEFT saves an adapter not named "default" into a sub-folder named after it.
             subs = sorted(d for d in os.listdir(adapter_dir) if os.path.isfile(os.path.join(adapter_dir, d, name)))
             hint = f"; it has adapters in sub-folders: {', '.join(subs)}" if subs else ""
-            raise CliError(f"{option} {adapter_dir!r} is not a PEFT adapter folder (no {name}){hint}")
+            raise CliError(f"{option} {adapter_dir!r} is not a PEFT adapter folder (no {name}){hint}", code=2)
     read_json(os.path.join(adapter_dir, "adapter_config.json"))
     return load_peft(adapter_dir)
 

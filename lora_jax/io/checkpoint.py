@@ -12,6 +12,12 @@ step, the RNG's kind and implementation, a manifest of every saved leaf, the
 base fingerprint and ``base_ref``). The manifest lets a restore name the first
 leaf that does not fit before orbax reads anything, and refuse a dtype that
 orbax would otherwise cast silently.
+
+A step is *valid* when both items are present and its ``meta`` records the
+step its directory is named after. Choosing a step (:meth:`Checkpointer.latest_step`,
+a restore of the latest) skips invalid ones with a warning that names each and
+why, so an empty or half-copied ``<step>/`` or a renamed one never hides the
+intact steps before it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -182,6 +189,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
                                                cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+        self._warned: set[str] = set()   # the skipped steps already warned about
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -194,16 +202,49 @@ class Checkpointer:
         self._manager.close()
 
     def all_steps(self) -> list[int]:
-        """The saved steps, oldest first."""
+        """The step directories on disk, oldest first (valid or not; see :meth:`latest_step`)."""
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest saved step, or None if there is none."""
-        return self._manager.latest_step()
+        """The newest *valid* step, or None if there is none; invalid newer ones are skipped with a warning."""
+        return self._newest_valid(self.all_steps())[0]
 
     def step_directory(self, step: int) -> pathlib.Path:
         """The directory of one saved step (e.g. for :func:`directory_size`)."""
         return self.directory / str(self._existing(step))
+
+    def problem(self, step: int) -> str | None:
+        """Why step ``step`` cannot be restored (an item missing, another step recorded, ...), or None if valid."""
+        path = self.directory / str(step)
+        missing = [item for item in (_STATE, _META) if not (path / item).is_dir() or not any((path / item).iterdir())]
+        if missing:
+            return f"its {' and '.join(repr(m) for m in missing)} item{'s are' if len(missing) > 1 else ' is'} missing"
+        try:
+            meta = self._read_meta(step)
+        except Exception as err:  # noqa: BLE001 -- orbax's errors vary by version; the reason is reported
+            return f"its {_META!r} item cannot be read ({type(err).__name__}: {err})"
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            return "it is not a lora_jax TrainState checkpoint"
+        if meta.get("step") != step:
+            return f"it records step {meta.get('step')}, not {step} (a renamed directory?)"
+        return None
+
+    def _newest_valid(self, steps: list[int]) -> tuple[int | None, list[str]]:
+        """``(newest valid step or None, ["step N: why", ...] for the newer invalid ones)``; warns once for each."""
+        skipped = []
+        for step in reversed(steps):
+            problem = self.problem(step)
+            if problem is None:
+                break
+            skipped.append(f"step {step}: {problem}")
+        else:
+            step = None
+        new = [s for s in skipped if s not in self._warned]
+        if new and step is not None:
+            self._warned.update(new)
+            warnings.warn(f"{str(self.directory)!r}: skipped checkpoint {'; '.join(new)}; using step {step}",
+                          stacklevel=3)
+        return step, skipped
 
     def save(self, state: TrainState, *, base=None) -> bool:
         """Writes ``state`` as step ``int(state.step)`` and waits until it is on disk.
@@ -217,12 +258,17 @@ class Checkpointer:
           True; False (writing nothing) if this step is already saved.
 
         Raises:
-          ValueError: the directory already holds a newer step (a stale
-            directory from another run?).
+          ValueError: the directory already holds a newer valid step (a stale
+            directory from another run?), or an invalid directory of this step.
         """
-        step, latest = int(state.step), self.latest_step()
+        step = int(state.step)
         if step in self.all_steps():
-            return False
+            problem = self.problem(step)
+            if problem is None:
+                return False
+            raise ValueError(f"cannot save step {step} in {str(self.directory)!r}: its directory exists but is not "
+                             f"a valid checkpoint ({problem}); move it away")
+        latest = self.latest_step()
         if latest is not None and step < latest:
             raise ValueError(f"cannot save step {step} in {str(self.directory)!r}: it already holds the newer "
                              f"step {latest}. Resume from it, or use another directory.")
@@ -233,27 +279,34 @@ class Checkpointer:
                 "base_fingerprint": None if base is None else base_fingerprint(base)}
         self.directory.mkdir(parents=True, exist_ok=True)
         self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(payload),
-                                                             _META: ocp.args.JsonSave(meta)}))
+                                                             _META: ocp.args.JsonSave(meta)}),
+                           force=True)   # orbax would skip, silently, a step older than an invalid newer one
         self._manager.wait_until_finished()
         return True
 
     def _existing(self, step: int | None) -> int:
+        """``step`` if it is valid, else the newest valid step when ``step`` is None; else a clear error."""
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {str(self.directory)!r}")
         if step is None:
-            return steps[-1]
+            newest, skipped = self._newest_valid(steps)
+            if newest is None:
+                raise FileNotFoundError(f"no valid checkpoint in {str(self.directory)!r}: {'; '.join(skipped)}")
+            return newest
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {str(self.directory)!r}; saved steps: {steps}")
+        problem = self.problem(step)
+        if problem is not None:
+            raise ValueError(f"checkpoint step {step} in {str(self.directory)!r} cannot be restored: {problem}")
         return step
 
+    def _read_meta(self, step: int):
+        return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+
     def metadata(self, step: int | None = None) -> dict:
-        """The JSON saved with a step (the latest by default): ``base_ref``, ``base_fingerprint``, ``manifest``, ..."""
-        step = self._existing(step)
-        meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"step {step} in {str(self.directory)!r} is not a lora_jax TrainState checkpoint")
-        return meta
+        """The JSON saved with a step (the latest valid by default): ``base_ref``, ``base_fingerprint``, ..."""
+        return self._read_meta(self._existing(step))
 
     def restore(self, like: TrainState, *, step: int | None = None, base=None) -> TrainState:
         """Reads a saved state into the structure of ``like``.
@@ -267,7 +320,8 @@ class Checkpointer:
 
         Args:
           like: a state of the same structure, e.g. a freshly initialised one.
-          step: the step to restore; the latest by default.
+          step: the step to restore; by default the newest valid one (newer
+            invalid steps are skipped with a warning naming each and why).
           base: the base params to be used with the adapters; if given, they
             must match the fingerprint recorded at save time.
 
@@ -277,9 +331,10 @@ class Checkpointer:
           again if a typed key was saved.
 
         Raises:
-          FileNotFoundError: no checkpoint (of that step) in the directory.
-          ValueError: ``like`` or ``base`` does not match the checkpoint; the
-            message names the first differing path.
+          FileNotFoundError: no checkpoint (of that step), or no valid one, in the directory.
+          ValueError: ``like`` or ``base`` does not match the checkpoint (the
+            message names the first differing path), or the given ``step`` is
+            not valid.
         """
         step = self._existing(step)
         meta = self.metadata(step)
