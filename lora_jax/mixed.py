@@ -55,9 +55,24 @@ def _split_first(args, kwargs, name):
     return kwargs[name], lambda x: (args, {**kwargs, name: x})
 
 
+def _zero_rows(v, valid):
+    """``v`` with the rows of no valid slot set to zero, so that they send no gradient anywhere.
+
+    An unused row still runs through the product (with slot 0's gathered factors); with its
+    inputs and factors zeroed, a NaN input (a row an earlier layer poisoned) cannot reach
+    slot 0's gradient as ``0 * NaN``.
+
+    >>> _zero_rows(jnp.array([[1.0, jnp.nan], [2.0, 3.0]]), jnp.array([False, True]))
+    Array([[0., 0.],
+           [2., 3.]], dtype=float32)
+    """
+    return jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros((), v.dtype))
+
+
 def _mask_rows(y, ids, valid):
     """Row -1 uses no adapter; an id outside ``[-1, n)`` poisons its row with NaN rather than
-    silently clamping (under jit the ids cannot be checked when traced)."""
+    silently clamping (under jit the ids cannot be checked when traced). The NaN is the other
+    branch of a ``where``, a constant: it carries no gradient into the factors."""
     rows = (-1,) + (1,) * (y.ndim - 1)
     y = jnp.where((ids >= 0).reshape(rows), y, jnp.zeros((), y.dtype))
     return jnp.where((valid | (ids == -1)).reshape(rows), y, jnp.full((), jnp.nan, y.dtype))
@@ -85,7 +100,8 @@ def mixed_term(term: Callable, call: Call, ids, name: str, *, input_name: str = 
     x = call.drop(x)
     valid = (ids >= 0) & (ids < n)
     slot = jnp.where(valid, ids, 0)
-    a_rows, b_rows = jnp.take(call.a, slot, axis=0), jnp.take(call.b, slot, axis=0)
+    x, a_rows, b_rows = (_zero_rows(v, valid) for v in (x, jnp.take(call.a, slot, axis=0),
+                                                      jnp.take(call.b, slot, axis=0)))
 
     def one_row(xr, ar, br):
         args, kwargs = rebuild(xr[None])

@@ -497,3 +497,21 @@ def test_adapter_set_replace_in_the_old_order_warns_and_agrees():
     with pytest.warns(DeprecationWarning, match=r"AdapterSet.replace\(name, config, lora\) is deprecated"):
         old = s.replace("one", other.config, other.lora_params)
     assert old["one"] == new["one"] == other
+
+
+def test_bad_id_under_jit_keeps_its_row_out_of_every_gradient(mlp):
+    module, params, ids, adapter = mlp
+    stacked = AdapterSet(params, {"one": adapter(1, 2.0), "two": adapter(2, 2.0)}).stack()
+    apply = jax.jit(lora_apply(module, stacked.config))
+    slots, valid = jnp.array([0, 7, -1, -3, 1]), np.array([0, 2, 4])
+    y = apply(params, stacked.lora_params, ids, adapter_ids=slots)
+    assert np.isnan(np.asarray(y[1])).all() and np.isnan(np.asarray(y[3])).all()
+    alone = apply(params, stacked.lora_params, ids[valid], adapter_ids=slots[valid])
+    np.testing.assert_array_equal(np.asarray(y[valid]), np.asarray(alone))
+    loss = lambda lora, x, s: jnp.nansum(apply(params, lora, x, adapter_ids=s))
+    grads = jax.jit(jax.grad(loss))(stacked.lora_params, ids, slots)
+    want = jax.jit(jax.grad(loss))(stacked.lora_params, ids[valid], slots[valid])
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.isfinite(np.asarray(g)).all(), f"{jax.tree_util.keystr(path)}: non-finite gradient"
+    jax.tree.map(lambda g, w: assert_close(g, w, jnp.float32, what="gradient"), grads, want)
+    assert float(jnp.max(jnp.abs(grads["up"]["a"][0]))) > 1e-3   # slot 0 really has a gradient
