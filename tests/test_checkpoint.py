@@ -261,3 +261,21 @@ def test_killed_run_resumes_bitwise(tmp_path):
     lora_keys = [k for k in reference.files if k.startswith("lora/")]
     differing = [k for k in lora_keys if not np.array_equal(control[k], reference[k])]
     assert len(differing) == len(lora_keys), differing
+
+
+def test_ctrl_c_during_a_save_is_raised_once_the_step_is_complete(tmp_path, monkeypatch):
+    state = _state(step=3)
+    before = signal.getsignal(signal.SIGINT)
+    with Checkpointer(tmp_path) as ckpt:
+        real_save = ckpt._manager.save
+
+        def interrupted_save(*args, **kwargs):   # the Ctrl-C arrives as orbax starts writing
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(ckpt._manager, "save", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(state, base=BASE)
+        assert sorted(os.listdir(tmp_path)) == ["3"] and ckpt.problem(3) is None
+        _assert_equal_trees(ckpt.restore(_state(seed=5, step=0), base=BASE).lora_params, state.lora_params)
+    assert signal.getsignal(signal.SIGINT) is before   # the handler is put back

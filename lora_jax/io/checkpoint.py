@@ -22,9 +22,12 @@ intact steps before it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
+import signal
+import threading
 import warnings
 from typing import Any
 
@@ -154,6 +157,29 @@ def directory_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds back Ctrl-C (SIGINT) until the block ends, then raises the KeyboardInterrupt.
+
+    Orbax writes with helper threads and event loops; a KeyboardInterrupt raised
+    in the middle leaves them writing into a closed process (tracebacks, a
+    timeout of minutes, even an abort). A LoRA save takes well under a second,
+    so letting it finish costs the user nothing and leaves it complete. Only the
+    main thread receives signals; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class Checkpointer:
     """Saves and restores :class:`TrainState` under ``directory``, one subdirectory per step.
 
@@ -161,7 +187,9 @@ class Checkpointer:
     temporary directory and renames it when done), so a process killed at any
     later moment leaves a restorable checkpoint, and one killed during a save
     leaves the previous ones intact. LoRA states are small, so waiting costs
-    little.
+    little. Saves are synchronous, and a Ctrl-C during one (in the main
+    thread) is held until the save is complete, then raised as
+    ``KeyboardInterrupt``: an interrupted run stops with its checkpoints whole.
 
     Args:
       directory: where the steps go; created on the first save.
@@ -186,8 +214,11 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, base_ref: str | None = None):
         self.directory = pathlib.Path(directory).absolute()
         self.base_ref = base_ref
+        # Synchronous: a save runs in the calling thread, so Ctrl-C stops it at once. Async saving
+        # left orbax's finalize threads writing after a KeyboardInterrupt, which printed their
+        # tracebacks and could wait out a timeout of minutes before the process could exit.
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
         self._warned: set[str] = set()   # the skipped steps already warned about
 
@@ -249,6 +280,9 @@ class Checkpointer:
     def save(self, state: TrainState, *, base=None) -> bool:
         """Writes ``state`` as step ``int(state.step)`` and waits until it is on disk.
 
+        A Ctrl-C (SIGINT) that arrives meanwhile raises ``KeyboardInterrupt``
+        once the step is complete.
+
         Args:
           state: the state to save.
           base: the frozen base params; their fingerprint (not their values) is
@@ -278,10 +312,11 @@ class Checkpointer:
                 "manifest": _manifest(payload), "base_ref": self.base_ref,
                 "base_fingerprint": None if base is None else base_fingerprint(base)}
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(payload),
-                                                             _META: ocp.args.JsonSave(meta)}),
-                           force=True)   # orbax would skip, silently, a step older than an invalid newer one
-        self._manager.wait_until_finished()
+        with _interrupts_deferred():
+            self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(payload),
+                                                                 _META: ocp.args.JsonSave(meta)}),
+                               force=True)   # orbax would skip, silently, a step older than an invalid newer one
+            self._manager.wait_until_finished()
         return True
 
     def _existing(self, step: int | None) -> int:
