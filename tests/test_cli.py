@@ -13,7 +13,10 @@ import os
 import re
 import runpy
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,7 @@ from lora_jax.app.cli_data import ByteTokenizer, check_adapter_fits, fingerprint
 from lora_jax.io import Checkpointer, TrainState, load_peft
 from lora_jax.io import tensors as st
 from lora_jax.linen import lora_apply
-from lora_jax.models import from_pretrained, generate
+from lora_jax.models import from_pretrained, generate, save_pretrained
 from tests.tolerances import assert_close
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -492,3 +495,157 @@ def test_python_dash_m_runs_the_same_command(monkeypatch, capsys):
         runpy.run_module("lora_jax", run_name="__main__", alter_sys=True)
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("usage: lora-jax inspect")
+
+
+def _tiny_bf16(path) -> str:
+    """The tiny model stored in bfloat16 (its weights rounded once), with the byte tokenizer."""
+    module, params = from_pretrained(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, show_progress=False)
+    save_pretrained(path, module, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+                    extra_config={"lora_jax_tokenizer": "bytes", "eos_token_id": 2})
+    return str(path)
+
+
+def test_merge_of_a_bf16_model_says_whether_rounding_explains_the_difference(trained, paths, tmp_path):
+    model = _tiny_bf16(tmp_path / "bf16")
+    pattern = re.compile(r"merged vs unmerged on a 16-token probe: (\S+) \(logits up to (\S+)\): within the "
+                         r"expected rounding of (\w+) \(bound (\S+) = 4 x sqrt\(4 x 2 layers \+ 1\) x eps (\S+) x")
+    found = {}
+    for dtype in ("bfloat16", "float32"):
+        extra = [] if dtype == "bfloat16" else ["--dtype", "float32"]
+        code, stdout, stderr = run("merge", "--model", model, "--adapter", trained[0], "--out",
+                                   tmp_path / dtype, *extra)
+        assert code == 0, stderr
+        match = pattern.search(stdout)
+        assert match and match.group(3) == dtype, stdout
+        diff, scale, bound, eps = (float(match.group(i)) for i in (1, 2, 4, 5))
+        assert eps == pytest.approx(float(jnp.finfo(dtype).eps), rel=1e-2)
+        assert bound == pytest.approx(4 * 3 * eps * scale, rel=1e-2)   # sqrt(4 L + 1) = 3 for the 2 layers
+        found[dtype] = diff
+    weights = st.read(os.path.join(tmp_path / "float32", "model.safetensors"))
+    assert {str(w.dtype) for w in weights.values()} == {"float32"}
+    with open(os.path.join(tmp_path / "float32", "config.json")) as f:
+        assert json.load(f)["dtype"] == "float32"
+    # float32 is at float32 level (cli_checks.rounding_bound with float32's eps); bfloat16 is not
+    f32_bound = 4 * 3 * float(jnp.finfo(jnp.float32).eps) * scale
+    assert found["float32"] <= f32_bound < found["bfloat16"]
+
+
+def test_a_normal_run_prints_no_warning(trained):
+    assert "warning" not in trained[1][2]
+
+
+def _short_positions(path, positions: int) -> str:
+    model = _tiny_copy(path)
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(model, "config.json"), "w") as f:
+        json.dump({**config, "max_position_embeddings": positions}, f)
+    return model
+
+
+def test_train_and_generate_warn_past_max_position_embeddings(paths, tmp_path):
+    model = _short_positions(tmp_path / "model", 12)
+    code, _, stderr = run("train", "--model", model, "--data", paths["data"], "--out", tmp_path / "a",
+                          "--steps", 1, *SHAPE)
+    assert code == 0, stderr
+    assert ("lora-jax train: warning: --seq-len 16 needs 16 positions, beyond the model's "
+            "max_position_embeddings 12; quality degrades past it\n") in stderr
+    code, _, stderr = run("generate", "--model", model, "--prompt", "LoRA", "--max-new-tokens", 9)
+    assert code == 0, stderr
+    assert ("lora-jax generate: warning: a 4-token --prompt and --max-new-tokens 9 needs 13 positions, beyond "
+            "the model's max_position_embeddings 12") in stderr
+    code, _, stderr = run("generate", "--model", model, "--prompt", "LoRA", "--max-new-tokens", 8)
+    assert code == 0 and "warning" not in stderr
+
+
+def test_train_warns_on_repeated_data_and_reports_the_held_out_loss(paths, base, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("LoRA adapters are small. " * 2)          # 50 bytes
+    out = tmp_path / "adapter"
+    code, stdout, stderr = run("train", "--model", paths["model"], "--data", small, "--out", out, "--steps", 16,
+                               "--eval-data", paths["data"], "--eval-every", 8, "--save-every", 16, *SHAPE)
+    assert code == 0, stderr
+    # 16 steps x 2 windows x 16 tokens = 512 tokens read from 50: 10.24 passes
+    assert ("lora-jax train: warning: 16 steps x 2 windows x 16 tokens read the 50 tokens of --data 10.2 times "
+            "over") in stderr
+    with open(out / "lora_jax_train.json") as f:
+        run_json = json.load(f)
+    steps = [step for step, _ in run_json["held_out_losses"]]
+    assert steps == [8, 16] and run_json["eval_data"] == os.path.abspath(paths["data"])
+    final = run_json["held_out_losses"][-1][1]
+    assert f"step 16/16: held-out loss {final:.4f} (16 windows of --eval-data)" in stderr
+    assert f"held-out loss: {final:.4f} (step 16," in stdout
+    # the same number, computed directly: the first 16 windows of 17 bytes of the held-out text
+    module, params = base
+    tokens = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int32)
+    windows = jnp.asarray(tokens[:16 * 17].reshape(16, 17))
+    adapter = load_peft(str(out))
+    logits = np.asarray(lora_apply(module, adapter.config)(params, adapter.lora_params, windows[:, :-1]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    direct = -np.take_along_axis(logp, np.asarray(windows[:, 1:, None]), -1).mean()
+    assert_close(final, direct, jnp.float32, what="held-out loss")
+    assert abs(run_json["held_out_losses"][0][1] - final) > 1e-4   # training moved it
+
+
+INTERRUPTED = re.compile(r"^lora-jax train: interrupted at step (\d+); the last complete checkpoint is step (\d+)$")
+
+
+def _interrupt_training(paths, out: str, after_step: int | None, delay: float) -> tuple[int, str]:
+    """Runs ``lora-jax train --save-every 1`` in a subprocess and sends SIGINT once ``checkpoints/`` has an
+    entry (``after_step`` None: the first save's directory, usually while it is written) or the directory of
+    ``after_step``, plus ``delay`` seconds; returns ``(exit code, stderr)``."""
+    cmd = [sys.executable, "-m", "lora_jax", "train", "--model", paths["model"], "--data", paths["data"],
+           "--out", out, "--steps", "100000", "--save-every", "1", "--backend", "cpu", *SHAPE]
+    ckpt_dir = os.path.join(out, "checkpoints")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        deadline = time.monotonic() + 180
+        while not (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if after_step is None \
+                else not os.path.isdir(os.path.join(ckpt_dir, str(after_step))):
+            assert proc.poll() is None, f"train ended before it was interrupted:\n{proc.stderr.read()}"
+            assert time.monotonic() < deadline, "train wrote no checkpoint in 180 s"
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)   # a bounded wait: a hang (orbax waiting out a timeout) fails
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, stderr
+
+
+@pytest.mark.parametrize("after_step, delay", [(None, 0.0), (2, 0.0), (3, 0.05)],
+                         ids=["during-first-save", "after-step-2", "between-saves"])
+def test_ctrl_c_stops_at_once_with_one_line_and_whole_checkpoints(paths, trained, tmp_path, after_step, delay):
+    out = str(tmp_path / "adapter")
+    code, stderr = _interrupt_training(paths, out, after_step, delay)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and stderr.endswith(lines[0] + "\n"), stderr
+    step, last = map(int, INTERRUPTED.match(lines[0]).groups())
+    assert 1 <= last <= step and (after_step is None or last >= after_step)
+    # Every entry is a whole step (nothing half-written is left), and each restores.
+    steps = sorted(os.listdir(os.path.join(out, "checkpoints")), key=int)
+    assert steps == [str(s) for s in range(max(1, last - 2), last + 1)]   # train keeps the newest 3
+    adapter = load_peft(trained[0])
+    with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=None) as ckpt:
+        assert ckpt.latest_step() == last
+        rng = jax.random.key(0, impl=ckpt.metadata()["rng_impl"])   # the subprocess's default key impl
+        like = TrainState(adapter.lora_params, cli._optimizer(1e-3, 0.01, 1.0).init(adapter.lora_params), 0, rng)
+        assert [ckpt.restore(like, step=int(s)).step for s in steps] == list(map(int, steps))
+
+
+def test_help_does_not_import_orbax():
+    # `import lora_jax` brings jax, flax and optax (the package's __init__); --help adds nothing heavier,
+    # so orbax (Checkpointer, TrainState) is loaded only by the commands that save or restore.
+    code = ("import sys\nfrom lora_jax.app.cli import main\n"
+            "codes = [main(['--help']), main(['train', '--help']), main(['demo', '--help'])]\n"
+            "print(codes, sorted(m for m in sys.modules if m.split('.')[0] == 'orbax'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[0, 0, 0] []"

@@ -51,13 +51,18 @@ from lora_jax.app.demo import study
 from lora_jax.app.cli_data import (CliError, encode_checked, eos_token_id, existing_file, fingerprint, folder_bytes,
                                load_adapter, load_fitting_adapter, load_model, load_tokenizer, read_documents,
                                read_json, tokenize_documents, window_batch)
+from lora_jax.app.cli_checks import (MAX_EVAL_WINDOWS, eval_windows, merge_verdict, position_warning,
+                                     repeat_warning)
 from lora_jax.config import LoraConfig
-from lora_jax.io import Checkpointer, TrainState, UnsupportedAdapterError, save_peft
+# Checkpointer and TrainState are read from the lazy `lora_jax.io` where used: they bring orbax, which
+# `lora-jax --help` (and every command but train) does not need.
+from lora_jax import io as lora_io
+from lora_jax.io import UnsupportedAdapterError, save_peft
 from lora_jax.io.names import to_torch
 from lora_jax.io.progress import loss_progress
 from lora_jax.linen import init_lora, lora_apply
 from lora_jax.models import from_pretrained, generate, save_pretrained
-from lora_jax.models.hf import config_to_hf
+from lora_jax.models.hf import DTYPES, config_to_hf
 from lora_jax.train import make_train_step
 from lora_jax.tree import adapter_nodes, count_params, merge
 
@@ -89,6 +94,27 @@ def _use_backend(args) -> None:
     device = backend.use(args.backend)
     if args.debug:
         _note(f"backend: {backend.describe(device)}")
+
+
+class _Interrupted(KeyboardInterrupt):
+    """A Ctrl-C whose message says where training stopped (``main`` prints it as the one line)."""
+
+
+@contextlib.contextmanager
+def _report_interrupt(step: Callable[[], int], ckpt):
+    """Turns a Ctrl-C in the block into an :class:`_Interrupted` naming ``step()`` and the last complete checkpoint.
+
+    :meth:`Checkpointer.save` holds a Ctrl-C back until its step is complete, so the newest valid step on disk
+    is whole whenever this runs.
+    """
+    try:
+        yield
+    except _Interrupted:
+        raise
+    except KeyboardInterrupt:
+        last = ckpt.latest_step()
+        saved = "there is no complete checkpoint" if last is None else f"the last complete checkpoint is step {last}"
+        raise _Interrupted(f"interrupted at step {step()}; {saved}") from None
 
 
 # ---- train
@@ -149,23 +175,70 @@ def _check_finite(args, step: int, loss: float, lora) -> None:
                        f"non-finite (inf or nan); stopped without writing them; try a lower --lr than {args.lr:g}")
 
 
-def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool):
+def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool, evaluate=None):
     losses = []
-    with loss_progress(args.steps, "training", completed=state.step, enabled=_interactive(), stderr=True) as bar:
+    with loss_progress(args.steps, "training", completed=state.step, enabled=_interactive(), stderr=True) as bar, \
+            _report_interrupt(lambda: state.step, ckpt):
         while state.step < args.steps:
             i = state.step
             batch = jnp.asarray(window_batch(tokens, seed=args.seed, step=i, batch_size=args.batch_size,
                                              seq_len=args.seq_len))
             rng = jax.random.fold_in(state.rng, i) if dropout else None
             lora, opt_state, metrics = step_fn(state.lora_params, state.opt_state, base, batch, rng)
-            state = TrainState(lora, opt_state, i + 1, state.rng)
+            state = lora_io.TrainState(lora, opt_state, i + 1, state.rng)
             losses.append(float(metrics["loss"]))
             _check_finite(args, i + 1, losses[-1], lora)
             bar.advance(losses[-1])
             if state.step % args.save_every == 0 or state.step == args.steps:
                 ckpt.save(state, base=base)
                 _note(f"step {state.step}/{args.steps}: loss {losses[-1]:.4f}, checkpoint saved")
+            if evaluate is not None and (state.step % args.eval_every == 0 or state.step == args.steps):
+                evaluate(state)
     return state, losses
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out_loss(module, config: LoraConfig):
+    """Jitted ``loss(base, lora, windows)``: the mean next-token loss of the adapted model, without dropout."""
+    apply = lora_apply(module, dataclasses.replace(config, dropout=0.0))
+    return jax.jit(lambda base, lora, windows: _next_token_loss(lambda x: apply(base, lora, x), windows))
+
+
+def _evaluator(args, module, config, base, windows, history: list):
+    """The loop's ``evaluate(state)``: logs the held-out loss on ``windows`` and appends ``[step, loss]``."""
+    def evaluate(state):
+        loss = float(_held_out_loss(module, config)(base, state.lora_params, windows))
+        history.append([state.step, loss])
+        _note(f"step {state.step}/{args.steps}: held-out loss {loss:.4f} ({len(windows)} windows of --eval-data)")
+    return evaluate
+
+
+def _eval_tokens(args, tokenizer, vocab_size: int):
+    """The tokens of ``--eval-data`` (None without it); a file too short for one window is an error."""
+    if args.eval_data is None:
+        return None
+    tokens = tokenize_documents(tokenizer, read_documents(args.eval_data), vocab_size, args.eval_data)
+    if len(tokens) < args.seq_len + 1:
+        raise CliError(f"--eval-data {args.eval_data}: {len(tokens)} tokens, fewer than --seq-len + 1 = "
+                       f"{args.seq_len + 1}; use more text or a smaller --seq-len")
+    return tokens
+
+
+def _train_warnings(args, module, n_tokens: int) -> None:
+    for message in (position_warning(args.seq_len, module.config.max_position_embeddings,
+                                     f"--seq-len {args.seq_len}"),
+                    repeat_warning(args.steps, args.batch_size, args.seq_len, n_tokens)):
+        if message:
+            _note(f"{PROG} train: warning: {message}")
+
+
+def _record_held_out(out: str, history: list, first_step: int) -> None:
+    """Adds the held-out losses to the run's json (keeping those a resumed run logged before ``first_step``)."""
+    path = os.path.join(out, RUN_FILE)
+    run = read_json(path) if os.path.isfile(path) else {}
+    earlier = [e for e in run.get("held_out_losses", []) if e[0] <= first_step]
+    with open(path, "w") as f:
+        json.dump({**run, "held_out_losses": earlier + history}, f, indent=2)
 
 
 def _check_out(args, ckpt_dir: str) -> None:
@@ -202,6 +275,8 @@ def _lora_config(args, module, base, sample, rng):
 def run_train(args) -> int:
     _use_backend(args)
     existing_file(args.data, "--data")
+    if args.eval_data is not None:
+        existing_file(args.eval_data, "--eval-data")
     ckpt_dir = os.path.join(args.out, CHECKPOINTS)
     _check_out(args, ckpt_dir)
     module, base, hf = load_model(args.model, show_progress=_interactive())
@@ -210,11 +285,15 @@ def run_train(args) -> int:
     if len(tokens) < args.seq_len + 1:
         raise CliError(f"--data {args.data}: {len(tokens)} tokens, fewer than --seq-len + 1 = {args.seq_len + 1}; "
                        f"use more text or a smaller --seq-len")
+    _train_warnings(args, module, len(tokens))
+    eval_tokens = _eval_tokens(args, tokenizer, module.config.vocab_size)
     settings = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data),
                 "data_tokens": fingerprint(tokens), "rank": args.rank, "alpha": args.alpha,
                 "targets": args.targets, "dropout": args.dropout, "lr": args.lr, "weight_decay": args.weight_decay,
                 "max_grad_norm": args.max_grad_norm, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                "seed": args.seed}
+                "seed": args.seed, "eval_data": args.eval_data and os.path.abspath(args.eval_data),
+                "eval_tokens": None if eval_tokens is None else fingerprint(eval_tokens),
+                "eval_every": args.eval_every}
     if args.resume:
         _check_same_run(args.out, settings)
     key_lora, key_dropout = jax.random.split(jax.random.key(args.seed))
@@ -222,25 +301,33 @@ def run_train(args) -> int:
     config, lora = _lora_config(args, module, base, sample, key_lora)
     tx, step_fn = _train_step(module, config, args.lr, args.weight_decay, args.max_grad_norm)
     # Committed to the device, as restored arrays are, so both start the same compiled step.
-    state = TrainState(*jax.device_put((lora, tx.init(lora)), backend.current(), may_alias=False), step=0,
+    state = lora_io.TrainState(*jax.device_put((lora, tx.init(lora)), backend.current(), may_alias=False), step=0,
                        rng=jax.device_put(key_dropout, backend.current()))
     os.makedirs(args.out, exist_ok=True)
     if not args.resume:
         with open(os.path.join(args.out, RUN_FILE), "w") as f:
             json.dump({"format": "lora_jax.app.cli.train/1", **settings}, f, indent=2)
-    with Checkpointer(ckpt_dir, base_ref=os.path.abspath(args.model)) as ckpt:
+    with lora_io.Checkpointer(ckpt_dir, base_ref=os.path.abspath(args.model)) as ckpt:
         if args.resume:
             state = ckpt.restore(state, base=base)
             if state.step > args.steps:
                 raise CliError(f"--resume: the latest checkpoint is step {state.step}, beyond --steps {args.steps}",
                                code=2)
             _note(f"resumed from step {state.step} ({ckpt_dir})")
-        state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0)
+        history, first_step = [], state.step
+        windows = None if eval_tokens is None else jnp.asarray(eval_windows(eval_tokens, args.seq_len,
+                                                                            MAX_EVAL_WINDOWS))
+        evaluate = None if windows is None else _evaluator(args, module, config, base, windows, history)
+        state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0, evaluate)
         ckpt.save(state, base=base)
         steps_saved = ckpt.all_steps()
     files = save_peft(args.out, base, state.lora_params, config, task_type="CAUSAL_LM",
                       base_model_name_or_path=args.model)
     _print_train_summary(args, base, state, losses, files, steps_saved, len(tokens))
+    if eval_tokens is not None:
+        _record_held_out(args.out, history, first_step)
+        if history:
+            print(f"held-out loss: {history[-1][1]:.4f} (step {history[-1][0]}, --eval-data {args.eval_data})")
     return 0
 
 
@@ -295,18 +382,29 @@ def run_merge(args) -> int:
         raise CliError(f"--out {args.out!r} is not empty; choose a new folder", code=2)
     module, base, hf = load_model(args.model, show_progress=_interactive())
     lora, config = load_fitting_adapter(base, args.adapter)
+    module, base = _in_dtype(module, base, args.dtype)
     files = save_pretrained(args.out, module, merge(base, lora, config), extra_config=_extra_config(module, hf))
     files += _copy_tokenizer(args.model, args.out)
     _, reread = from_pretrained(args.out, show_progress=False)
     ids = _probe_ids(module.config.vocab_size)
-    unmerged = _forward(module, config)(base, lora, ids)
-    merged = _forward(module, None)(reread, None, ids)
-    diff = float(jnp.max(jnp.abs(merged - unmerged)))
+    # Both in the written dtype: the base's weights (exact in any wider dtype) with the adapter unmerged.
+    unmerged = _forward(module, config)(base, lora, ids).astype(jnp.float32)
+    merged = _forward(module, None)(reread, None, ids).astype(jnp.float32)
+    diff, scale = float(jnp.max(jnp.abs(merged - unmerged))), float(jnp.max(jnp.abs(unmerged)))
     print(f"merged the {len(adapter_nodes(lora))} layers of {args.adapter} into {args.model}'s weights; "
           f"wrote {', '.join(files)} to {args.out}")
     print(f"check: max |logit difference| merged vs unmerged on a {ids.shape[1]}-token probe: {diff:.3g} "
-          f"(logits up to {float(jnp.max(jnp.abs(unmerged))):.3g})")
+          f"(logits up to {scale:.3g}): "
+          f"{merge_verdict(diff, module.config.param_dtype, scale, module.config.num_hidden_layers)}")
     return 0
+
+
+def _in_dtype(module, base, dtype: str | None):
+    """``(module, base)`` computing and storing in ``dtype`` (``--dtype``; None keeps the base's)."""
+    if dtype is None:
+        return module, base
+    config = dataclasses.replace(module.config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    return type(module)(config), jax.tree.map(lambda x: x.astype(DTYPES[dtype]), base)
 
 
 # ---- generate
@@ -328,6 +426,10 @@ def run_generate(args) -> int:
     prompt = encode_checked(tokenizer, args.prompt, vocab, "--prompt")
     if prompt.size == 0:
         raise CliError("--prompt is empty after tokenization", code=2)
+    late = position_warning(prompt.size + args.max_new_tokens, module.config.max_position_embeddings,
+                            f"a {prompt.size}-token --prompt and --max-new-tokens {args.max_new_tokens}")
+    if late:
+        _note(f"{PROG} generate: warning: {late}")
     if args.top_k is not None and args.top_k > vocab:
         raise CliError(f"--top-k {args.top_k} exceeds the vocabulary size {vocab}", code=2)
     eos = eos_token_id(args.model, hf)
@@ -498,6 +600,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the adapters' init and the data order (default 0)")
     p.add_argument("--save-every", type=_positive_int, default=50, metavar="N",
                    help="write a checkpoint every N steps, and at the end (default 50)")
+    p.add_argument("--eval-data", metavar="FILE",
+                   help=f"held-out text (plain or .jsonl): its first {MAX_EVAL_WINDOWS} windows of --seq-len tokens "
+                        f"give a held-out loss every --eval-every steps and at the end")
+    p.add_argument("--eval-every", type=_positive_int, default=50, metavar="N",
+                   help="steps between held-out losses with --eval-data (default 50)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in ADAPTER_DIR/checkpoints to --steps")
     p.add_argument("--overwrite", action="store_true",
@@ -509,6 +616,9 @@ def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder (the base)")
     p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT LoRA adapter folder")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the merged weights (default: the base's); float32 avoids the rounding of "
+                        "W + delta to bfloat16 or float16")
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -585,7 +695,8 @@ COMMANDS = {
     "merge": Command(
         "fold an adapter into the base weights",
         "Write a Hugging Face folder whose weights are W + scale * A @ B (no adapter needed to run it),\n"
-        "with the base's tokenizer files; then check merged against unmerged logits on a probe input.",
+        "with the base's tokenizer files; then check merged against unmerged logits on a probe input and say\n"
+        "whether the difference is within the rounding of the weights' dtype (--dtype float32 avoids it).",
         "  lora-jax merge --model llama-dir --adapter my-adapter --out llama-merged",
         _add_merge_arguments, run_merge),
     "generate": Command(
@@ -695,10 +806,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _warnings_as_notes(prog):
             return int(COMMANDS[args.command].run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if args.debug:
             raise
-        _note(f"{prog}: interrupted")
+        _note(f"{prog}: {err or 'interrupted'}")
         return 130
     except Exception as err:  # noqa: BLE001 -- every error becomes one line unless --debug
         if getattr(args, "debug", False):
