@@ -177,7 +177,7 @@ def _check_finite(args, step: int, loss: float, lora) -> None:
 
 def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool, evaluate=None):
     losses = []
-    with loss_progress(args.steps, "training", completed=state.step, enabled=_interactive(), stderr=True) as bar, \
+    with loss_progress(args.steps, "training", completed=state.step, enabled=True, stderr=True) as bar, \
             _report_interrupt(lambda: state.step, ckpt):
         while state.step < args.steps:
             i = state.step
