@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import core
-from lora_jax.io import load_peft
+from lora_jax.io import fields, load_peft
 from lora_jax.io.names import to_torch
 from lora_jax.models import from_pretrained
 from lora_jax.tree import adapter_nodes, get_path, weight_name
@@ -61,17 +61,12 @@ def existing_file(path: str, option: str) -> str:
 
 
 def read_json(path: str) -> dict:
-    """A JSON object from ``path``; malformed files are a :class:`CliError` naming the file and line."""
+    """A JSON object from ``path``, read strictly (:func:`lora_jax.io.fields.read_json`); a malformed file
+    is a :class:`CliError` (exit 1) naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as err:
-        raise CliError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"{path}: not a UTF-8 text file") from None
-    if not isinstance(value, dict):
-        raise CliError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+        return fields.read_json(path)
+    except fields.ConfigFieldError as err:
+        raise CliError(str(err)) from None
 
 
 # ---- model and adapter folders
