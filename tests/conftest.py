@@ -45,6 +45,11 @@ def pytest_unconfigure(config):
 
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Float32 matmuls at full float32 precision on every backend. A GPU's default for float32 operands is
+# TF32 (10 mantissa bits), a TPU's is bfloat16 passes; the tolerances in tests/tolerances.py are those
+# of float32 itself, so the suite asks for it explicitly. Library code that must be exact whatever
+# the setting (merge, unmerge, the factor maths) passes precision=HIGHEST itself.
+jax.config.update("jax_default_matmul_precision", "highest")
 # The "rbg" PRNG compiles far faster on CPU than the default threefry, and the
 # suite draws random arrays of many shapes; no test depends on threefry's bits.
 jax.config.update("jax_default_prng_impl", "rbg")

@@ -13,6 +13,13 @@ absolute values of the inputs (pass it as ``magnitude``). The latter is the
 classic forward-error bound of a dot product, ``|fl(x.y) - x.y| <= k u sum |x_i y_i|``:
 a rank-1 product over a few tokens can cancel to nearly zero while each
 term, and so each rounding error, stays large.
+
+The same tolerances hold on every backend because ``tests/conftest.py`` sets
+float32 matmuls to full precision (``jax_default_matmul_precision="highest"``):
+without it a GPU computes float32 matmuls in TF32 and a TPU in bfloat16
+passes, whose rounding these float32 bounds do not cover. Elementwise
+functions (exp, rsqrt) may differ between backends by a few ulps, well inside
+the bounds.
 """
 
 import jax.numpy as jnp

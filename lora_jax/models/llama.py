@@ -22,8 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.kinds import DROPOUT_RNG
+
 
 ROPE_TYPES = ("default", "linear", "llama3")
+#: ``LlamaConfig.attention_implementation``: ``"auto"`` picks per backend and inputs (:func:`attention_implementation`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+#: ``LlamaConfig.remat_policy``: what a rematerialised layer keeps from its forward pass
+#: (names of ``jax.checkpoint_policies``; "nothing_saveable" recomputes the whole layer).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 def _positive_int(value) -> bool:
@@ -91,6 +98,20 @@ class LlamaConfig:
     ``NamedSharding(mesh, P("data"))``), so that sharded training keeps every
     layer's activations split over the batch; XLA's propagation alone may
     replicate the batch inside the layers (see ``lora_jax.sharding``).
+
+    Speed settings, also ours (none changes the model's function):
+
+    * ``attention_implementation``: ``"xla"`` (the plain softmax over the
+      ``[seq, seq]`` scores, any backend), ``"cudnn"`` (cuDNN's fused flash
+      attention: GPU, bfloat16/float16, ``head_dim`` a multiple of 8 up to
+      128), or ``"auto"`` (the default: cuDNN where those hold, else XLA);
+      see :func:`attention_implementation`.
+    * ``remat_policy``: with ``remat``, which values a layer keeps for its
+      backward pass (one of :data:`REMAT_POLICIES`; the default keeps none).
+    * ``loss_chunk_tokens``: the loss of ``model(ids, labels=ids)`` computes
+      the output projection and the float32 log-softmax this many tokens at a
+      time and recomputes them in the backward pass, so the ``[tokens, vocab]``
+      logits never exist at once (see :meth:`LlamaForCausalLM.__call__`).
     """
 
     vocab_size: int = 4096
@@ -111,6 +132,9 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    attention_implementation: str = "auto"
+    loss_chunk_tokens: int = 2048
     activation_sharding: Any = None
 
     def __post_init__(self):
@@ -129,6 +153,10 @@ class LlamaConfig:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
+        for field, allowed in (("attention_implementation", ATTENTION_IMPLEMENTATIONS),
+                               ("remat_policy", REMAT_POLICIES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"LlamaConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -138,7 +166,8 @@ class LlamaConfig:
 # The type and range of each hyper-parameter (None, for the two defaults derived above, is allowed).
 _FIELD_CHECKS = {
     **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"), _positive_int),
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "loss_chunk_tokens"),
+                    _positive_int),
     **dict.fromkeys(("rms_norm_eps", "rope_theta"), _positive_number),
     **dict.fromkeys(("attention_bias", "mlp_bias", "tie_word_embeddings", "scan_layers", "remat"), _is_bool),
 }
@@ -206,6 +235,38 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> 
     return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
 
 
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(config: LlamaConfig, dtype, backend: str | None = None) -> str:
+    """The attention implementation a model with ``config`` uses for inputs of ``dtype``: ``"xla"`` or ``"cudnn"``.
+
+    ``"auto"`` chooses cuDNN's fused (flash) attention where it applies: on a
+    GPU backend, for bfloat16 or float16 inputs, and a ``head_dim`` that is a
+    multiple of 8 and at most 128; XLA's plain attention everywhere else. An
+    explicit ``"cudnn"`` that does not apply raises instead of falling back.
+    Decoding with a KV cache always uses XLA's (its mask is not causal-only).
+
+    >>> attention_implementation(LlamaConfig(), jnp.bfloat16, backend="cpu")
+    'xla'
+    >>> attention_implementation(LlamaConfig(hidden_size=2048, num_attention_heads=32), jnp.bfloat16, backend="gpu")
+    'cudnn'
+    """
+    backend = backend or jax.default_backend()
+    problems = [text for bad, text in (
+        (backend != "gpu", f"the backend is {backend!r}, not 'gpu'"),
+        (jnp.dtype(dtype) not in _CUDNN_DTYPES, f"the inputs are {jnp.dtype(dtype).name}, not bfloat16/float16"),
+        (config.head_dim % 8 or config.head_dim > 128, f"head_dim is {config.head_dim}"),
+    ) if bad]
+    if config.attention_implementation == "xla" or (config.attention_implementation == "auto" and problems):
+        return "xla"
+    if problems:
+        raise ValueError("LlamaConfig.attention_implementation='cudnn' cannot be used here: " + "; ".join(problems)
+                         + " (cuDNN's fused attention needs a GPU, bfloat16/float16 and head_dim a multiple of "
+                         "8 up to 128)")
+    return "cudnn"
+
+
 def _attend_cached(q, k, v, layer_cache, index):
     """Writes ``k``/``v`` at ``index`` into the layer's cache and attends over the filled part."""
     k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, axis=1)
@@ -231,7 +292,8 @@ class LlamaAttention(nn.Module):
         k = rotary(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
         if layer_cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                               implementation=attention_implementation(cfg, q.dtype))
         else:
             out, layer_cache = _attend_cached(q, k, v, layer_cache, index)
         out = _dense(cfg.hidden_size, "o_proj", cfg, cfg.attention_bias)(out.reshape(batch, seq, -1))
@@ -271,6 +333,16 @@ class _ScannedDecoderLayer(LlamaDecoderLayer):
         return super().__call__(x, positions, layer_cache, index)
 
 
+def _remat(layer_class, cfg: LlamaConfig):
+    """The layer class, rematerialised with ``cfg.remat_policy`` when ``cfg.remat`` is set."""
+    if not cfg.remat:
+        return layer_class
+    # Inside nn.scan the loop boundary already keeps XLA from merging the recomputation with the
+    # forward pass, so the CSE barrier (which costs speed) is only needed for unrolled layers.
+    return nn.remat(layer_class, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                    prevent_cse=not cfg.scan_layers)
+
+
 class LlamaModel(nn.Module):
     config: LlamaConfig
 
@@ -279,11 +351,11 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                                      param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02))
         if cfg.scan_layers:
-            layer = nn.remat(_ScannedDecoderLayer) if cfg.remat else _ScannedDecoderLayer
+            layer = _remat(_ScannedDecoderLayer, cfg)
             self.layers = nn.scan(layer, variable_axes={True: 0}, split_rngs={"params": True},
                                   in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)(cfg)
         else:
-            layer = nn.remat(LlamaDecoderLayer) if cfg.remat else LlamaDecoderLayer
+            layer = _remat(LlamaDecoderLayer, cfg)
             self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
 
@@ -318,6 +390,16 @@ class LlamaForCausalLM(nn.Module):
     ``input_ids`` are the next tokens after the ``cache["index"]`` already
     seen, and the result is ``(logits, updated_cache)``.
 
+    With ``labels`` (``[batch, seq]`` token ids, as Hugging Face's
+    ``labels=``) the call returns the mean next-token cross-entropy instead:
+    position ``t``'s logits against ``labels[:, t + 1]``, positions whose
+    label is ``IGNORE_INDEX`` (-100) left out. It equals
+    ``causal_lm_loss(model(ids), labels)`` but never holds the float32
+    ``[tokens, vocab]`` logits (or their gradient) at once: the output
+    projection and the log-softmax run ``config.loss_chunk_tokens`` tokens at
+    a time and are recomputed chunk by chunk in the backward pass. An adapter
+    on ``lm_head`` (or a tied head) is applied inside each chunk as usual.
+
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
     ...                   num_attention_heads=2)
     >>> model = LlamaForCausalLM(cfg)
@@ -328,23 +410,81 @@ class LlamaForCausalLM(nn.Module):
     >>> logits, cache = model.apply(variables, ids, cache=init_cache(cfg, 1, 8))
     >>> logits.shape, int(cache["index"])
     ((1, 5, 32), 5)
+    >>> loss = model.apply(variables, ids, labels=ids)
+    >>> bool(jnp.allclose(loss, causal_lm_loss(model.apply(variables, ids), ids), rtol=1e-6))
+    True
     """
 
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, input_ids, positions=None, cache=None):
+    def setup(self):
         cfg = self.config
-        model = LlamaModel(cfg, name="model")
-        x, new_cache = model(input_ids, positions, cache)
-        logits = model.attend(x) if cfg.tie_word_embeddings else _dense(cfg.vocab_size, "lm_head", cfg)(x)
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, "lm_head", cfg)
+
+    def logits(self, hidden):
+        """The output projection of final hidden states ``[..., hidden]``."""
+        return self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+
+    def __call__(self, input_ids, positions=None, cache=None, labels=None):
+        if labels is not None and cache is not None:
+            raise ValueError("LlamaForCausalLM: pass labels (training loss) or cache (decoding), not both")
+        x, new_cache = self.model(input_ids, positions, cache)
+        if labels is not None:
+            return self._chunked_loss(x, labels)
+        logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
+
+    def _chunked_loss(self, hidden, labels):
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"LlamaForCausalLM: labels{list(labels.shape)} must have input_ids' shape "
+                             f"{list(hidden.shape[:2])}")
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        t = labels[:, 1:].reshape(-1)
+        chunk = min(self.config.loss_chunk_tokens, t.shape[0])
+        pad = -t.shape[0] % chunk
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX)
+        # One scan step per chunk, rematerialised: each chunk's logits are recomputed in the backward
+        # pass instead of kept (only two scalars per chunk are saved), and the loop keeps XLA from
+        # scheduling every chunk's recomputation at once.
+        scan = nn.scan(nn.remat(_chunk_nll, prevent_cse=False), variable_broadcast=True,
+                       split_rngs={"params": False, DROPOUT_RNG: True}, length=t.shape[0] // chunk)
+        (total, count), _ = scan(self, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+                                 (h.reshape(-1, chunk, h.shape[-1]), t.reshape(-1, chunk)))
+        return total / count
+
+
+#: Label value left out of :func:`causal_lm_loss` and the chunked loss (Hugging Face's ``ignore_index``).
+IGNORE_INDEX = -100
+
+
+def _token_nll(logits, targets):
+    """Per-token ``-log softmax(logits)[target]`` in float32, and a 0/1 mask of the targets not ignored."""
+    logits = logits.astype(jnp.float32)
+    keep = targets != IGNORE_INDEX
+    safe = jnp.where(keep, targets, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(keep, logz - picked, 0.0), keep.astype(jnp.float32)
+
+
+def _chunk_nll(model: LlamaForCausalLM, sums, chunk):
+    """One loss chunk, as a scan body: adds the chunk's summed loss and token count to ``sums``."""
+    hidden, targets = chunk
+    nll, keep = _token_nll(model.logits(hidden), targets)
+    return (sums[0] + jnp.sum(nll), sums[1] + jnp.sum(keep)), None
 
 
 def causal_lm_loss(logits, input_ids):
-    """Mean next-token cross-entropy of ``logits`` against ``input_ids`` shifted by one."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
+    """Mean next-token cross-entropy of ``logits`` against ``input_ids`` shifted by one.
+
+    Targets equal to ``IGNORE_INDEX`` (-100) are left out of the mean.
+
+    >>> logits = jnp.zeros((1, 3, 4))
+    >>> round(float(causal_lm_loss(logits, jnp.array([[0, 1, 2]]))), 4)   # uniform over 4: log 4
+    1.3863
+    """
+    nll, keep = _token_nll(logits[:, :-1], input_ids[:, 1:])
+    return jnp.sum(nll) / jnp.sum(keep)
