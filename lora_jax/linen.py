@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import threading
 from typing import Any, Callable
 
@@ -38,6 +39,22 @@ KINDS = kinds.table(dense=nn.Dense, dense_general=nn.DenseGeneral, einsum=nn.Ein
 _INPUT_NAMES = {"__call__": "inputs", "attend": "query"}
 
 _local = threading.local()
+
+
+@contextlib.contextmanager
+def _running(context):
+    """Marks a module run by this front end: ``("record",)`` (finding layers) or ``("adapt", config, ids, used)``."""
+    stack = _local.__dict__.setdefault("runs", [])
+    stack.append(context)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _current_run():
+    stack = getattr(_local, "runs", None)
+    return stack[-1] if stack else None
 
 
 @contextlib.contextmanager
@@ -162,7 +179,7 @@ def find_layers(module: nn.Module, base_params, *args, extra_variables=None, rng
     records: dict = {}
 
     def run(params):
-        with nn.intercept_methods(_recorder(records, base_params)):
+        with _running(("record",)), nn.intercept_methods(_recorder(records, base_params)):
             out = module.apply({"params": params, **(extra_variables or {})}, *args, rngs=rngs, **kwargs)
         leaves = jax.tree.leaves(out)
         return [path for path, (_, o) in records.items() if any(o is leaf for leaf in leaves)]
@@ -363,10 +380,99 @@ def lora_apply(module: nn.Module, config: LoraConfig, *, impl: core.Impl = "fast
         if lora_params is not None:
             variables[COLLECTION] = lora_params
         used: set = set()
-        with nn.intercept_methods(_adapting(config, impl, ids, used)):
+        with _running(("adapt", config, ids, used)), nn.intercept_methods(_adapting(config, impl, ids, used)):
             out = module.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
         if check_unused and lora_params is not None:
             _check_used(lora_params, used)
         return out
 
     return apply
+
+
+# ---- several Dense layers on one input, as one matmul
+
+def fused_dense(layers, x) -> list:
+    """The outputs of ``nn.Dense`` layers that share the input ``x``, computed as one matmul.
+
+    ``[layer(x) for layer in layers]`` in value (the same products, columns
+    side by side), but the base weights are concatenated into one
+    ``x @ [W_1 | W_2 | ...]``, and inside :func:`lora_apply` the adapters of
+    these layers into one ``x @ [A_1 | A_2 | ...]`` followed by each layer's own
+    ``B``: fewer, larger matmuls, and ``x`` is read once instead of once per
+    layer. Parameters and adapters keep their per-layer layout (Hugging Face's
+    and PEFT's ``q_proj``/``k_proj``/``v_proj``), so files, merging, sharding
+    and targeting see separate layers as before.
+
+    The layers are called one by one (the same result, unfused) whenever
+    fusing would change what they compute or what the front end sees: while
+    initialising or finding layers, when the layers differ in type, dtype,
+    precision or bias, for quantized weights, and for adapters with DoRA,
+    dropout or mixed-adapter batches (``adapter_ids``).
+
+    >>> class Pair(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return fused_dense([nn.Dense(3, name="q"), nn.Dense(2, name="k")], x)
+    >>> x = jnp.ones((1, 4))
+    >>> params = Pair().init(jax.random.key(0), x)["params"]
+    >>> [y.shape for y in Pair().apply({"params": params}, x)]
+    [(1, 3), (1, 2)]
+    """
+    layers = list(layers)
+    run = _current_run()
+    if not _fusable(layers, run):
+        return [layer(x) for layer in layers]
+    first = layers[0]
+    kernels = [layer.get_variable("params", "kernel") for layer in layers]
+    sizes = [k.shape[-1] for k in kernels]
+    x_c, *kernels = _promote(first, x, *kernels)
+    y = jax.lax.dot_general(x_c, jnp.concatenate(kernels, axis=-1), (((x_c.ndim - 1,), (0,)), ((), ())),
+                            precision=first.precision)
+    if first.use_bias:
+        biases = _promote(first, *(layer.get_variable("params", "bias") for layer in layers))
+        y = y + jnp.concatenate(biases).reshape((1,) * (y.ndim - 1) + (-1,))
+    outputs = jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
+    if run is None or run[0] != "adapt":
+        return outputs
+    _, config, _, used = run
+    adapted = [i for i, layer in enumerate(layers) if layer.has_variable(COLLECTION, "a")]
+    if not adapted:
+        return outputs
+    factors = []
+    for i in adapted:
+        layer = layers[i]
+        a, b = (layer.get_variable(COLLECTION, k) for k in ("a", "b"))
+        name = layer_name(layer.path)
+        kinds.check_fit(name, "kernel", kernels[i].shape, a, b, ((), kernels[i].shape[:1], kernels[i].shape[1:]))
+        factors.append((i, a, b, config.scaling(name, a.shape[-1])))
+        used.add(tuple(layer.path))
+    x_a, *a_list = _promote(first, x, *(a for _, a, _, _ in factors))
+    h = jnp.matmul(x_a, jnp.concatenate(a_list, axis=-1), precision=first.precision)
+    start = 0
+    for i, a, b, scale in factors:
+        h_i = h[..., start:start + a.shape[-1]] * scale
+        start += a.shape[-1]
+        (b,) = _promote(first, b)
+        outputs[i] = outputs[i] + jnp.matmul(h_i, b, precision=first.precision).astype(outputs[i].dtype)
+    return outputs
+
+
+def _fusable(layers, run) -> bool:
+    first = layers[0]
+    if len(layers) < 2 or first.is_initializing() or (run is not None and run[0] != "adapt"):
+        return False
+    same = lambda attr: all(getattr(layer, attr) == getattr(first, attr) for layer in layers)
+    if not (all(type(layer) is nn.Dense for layer in layers) and same("dtype") and same("precision")
+            and same("use_bias") and same("param_dtype")):
+        return False
+    if any(core.is_quantized(layer.get_variable("params", "kernel")) for layer in layers):
+        return False
+    if run is None:
+        return True
+    _, config, ids, _ = run
+    has_adapter = [layer.has_variable(COLLECTION, "a") for layer in layers]
+    if any(has_adapter) and (ids is not None or config.use_dora or config.dropout > 0.0
+                             or any(layer.has_variable(COLLECTION, "m") for layer in layers)):
+        return False
+    dtypes = {layer.get_variable(COLLECTION, "a").dtype for layer, has in zip(layers, has_adapter) if has}
+    return len(dtypes) <= 1

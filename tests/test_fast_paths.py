@@ -172,3 +172,72 @@ def test_cudnn_attention_equals_xla_attention_on_gpu():
     assert_close(lc, lx, jnp.bfloat16, what="loss")
     for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
         assert_close(a, b, jnp.bfloat16, what="adapter gradient")
+
+
+# ---- fused projections: q/k/v and gate/up as one matmul each (lora_jax.linen.fused_dense)
+
+def _fused_pair(**overrides):
+    model, params, lcfg, lora, ids = _setup(**overrides)
+    fused = LlamaForCausalLM(dataclasses.replace(model.config, fused_projections=True))
+    return model, fused, params, lcfg, lora, ids
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_layers": True}, {"attention_bias": True, "mlp_bias": True}],
+                         ids=["plain", "scan", "biases"])
+def test_fused_projections_equal_separate_ones(overrides):
+    """Base logits, LoRA loss and every gradient (base and adapters) of the fused model equal the unfused model's."""
+    model, fused, params, lcfg, lora, ids = _fused_pair(**overrides)
+    assert_close(fused.apply({"params": params}, ids), model.apply({"params": params}, ids), what="base logits")
+    want = _loss_and_grads(model, lcfg, chunked=True)(params, lora, ids, ids)
+    got = _loss_and_grads(fused, lcfg, chunked=True)(params, lora, ids, ids)
+    _compare(got, want, f"fused {overrides}")
+
+
+def test_fused_projections_with_some_layers_adapted_and_different_ranks():
+    model, fused, params, _, _, ids = _fused_pair()
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "up_proj"), rank_pattern={"**/v_proj": 2})
+    lora = init_lora(model, params, lcfg, ids, rng=jax.random.key(3))
+    lora = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(np.random.default_rng(4).normal(size=x.shape), x.dtype),
+                        lora)
+    assert lora["model"]["layers_0"]["self_attn"]["v_proj"]["a"].shape[-1] == 2
+    _compare(_loss_and_grads(fused, lcfg, chunked=True)(params, lora, ids, ids),
+             _loss_and_grads(model, lcfg, chunked=True)(params, lora, ids, ids), "partial targets")
+
+
+def test_fused_model_finds_the_same_layers_and_adapters():
+    model, fused, params, lcfg, _, ids = _fused_pair()
+    one = init_lora(model, params, lcfg, ids, rng=jax.random.key(2))
+    two = init_lora(fused, params, lcfg, ids, rng=jax.random.key(2))
+    assert jax.tree.structure(one) == jax.tree.structure(two)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_projections_fall_back_to_separate_calls_for_dropout_dora_and_mixed_batches():
+    """Where one matmul cannot serve every layer, the layers run one by one: the results equal the unfused model's."""
+    from lora_jax import multi
+    from lora_jax.config import Adapter
+
+    model, fused, params, lcfg, lora, ids = _fused_pair()
+    dropout = dataclasses.replace(lcfg, dropout=0.3)
+    rngs = {"lora_dropout": jax.random.key(7)}
+    assert_close(lora_apply(fused, dropout)(params, lora, ids, rngs=rngs),
+                 lora_apply(model, dropout)(params, lora, ids, rngs=rngs), what="dropout")
+    dora = dataclasses.replace(lcfg, use_dora=True, targets=("all-linear",))
+    dora_params = init_lora(model, params, dora, ids, rng=jax.random.key(5))
+    assert_close(lora_apply(fused, dora)(params, dora_params, ids), lora_apply(model, dora)(params, dora_params, ids),
+                 what="DoRA")
+    stacked = multi.stack(params, {"x": Adapter(lcfg, lora),
+                                   "y": Adapter(lcfg, jax.tree.map(lambda t: 2 * t, lora))})
+    rows = stacked.ids(["y", "x"])
+    assert_close(lora_apply(fused, stacked.config)(params, stacked.lora_params, ids, adapter_ids=rows),
+                 lora_apply(model, stacked.config)(params, stacked.lora_params, ids, adapter_ids=rows),
+                 what="mixed batch")
+
+
+def test_fused_projections_on_a_quantized_base():
+    from lora_jax import quant
+
+    model, fused, params, lcfg, lora, ids = _fused_pair()
+    q = quant.quantize_base(model, params, ids, method="int8")
+    assert_close(lora_apply(fused, lcfg)(q, lora, ids), lora_apply(model, lcfg)(q, lora, ids), what="int8 base")

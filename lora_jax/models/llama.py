@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.kinds import DROPOUT_RNG
+from lora_jax.linen import fused_dense
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -108,6 +109,10 @@ class LlamaConfig:
       see :func:`attention_implementation`.
     * ``remat_policy``: with ``remat``, which values a layer keeps for its
       backward pass (one of :data:`REMAT_POLICIES`; the default keeps none).
+    * ``fused_projections``: q/k/v, and gate/up, each computed as one matmul
+      on their shared input, their adapters' ``A`` as one too
+      (:func:`lora_jax.linen.fused_dense`); the parameters keep Hugging
+      Face's separate layout.
     * ``loss_chunk_tokens``: the loss of ``model(ids, labels=ids)`` computes
       the output projection and the float32 log-softmax this many tokens at a
       time and recomputes them in the backward pass, so the ``[tokens, vocab]``
@@ -134,6 +139,7 @@ class LlamaConfig:
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     attention_implementation: str = "auto"
+    fused_projections: bool = False
     loss_chunk_tokens: int = 2048
     activation_sharding: Any = None
 
@@ -169,7 +175,8 @@ _FIELD_CHECKS = {
                      "num_key_value_heads", "head_dim", "max_position_embeddings", "loss_chunk_tokens"),
                     _positive_int),
     **dict.fromkeys(("rms_norm_eps", "rope_theta"), _positive_number),
-    **dict.fromkeys(("attention_bias", "mlp_bias", "tie_word_embeddings", "scan_layers", "remat"), _is_bool),
+    **dict.fromkeys(("attention_bias", "mlp_bias", "tie_word_embeddings", "scan_layers", "remat",
+                     "fused_projections"), _is_bool),
 }
 
 
@@ -218,6 +225,11 @@ def rotary(x, positions, inv_freq):
 def _dense(features, name, cfg, bias=False):
     return nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                     kernel_init=nn.initializers.normal(0.02))
+
+
+def _project(cfg: LlamaConfig, x, layers):
+    """Each layer applied to ``x``: one fused matmul with ``cfg.fused_projections``, else one call each."""
+    return fused_dense(layers, x) if cfg.fused_projections else [layer(x) for layer in layers]
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
@@ -284,9 +296,9 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, layer_cache=None, index=None):
         cfg = self.config
         batch, seq, _ = x.shape
-        q = _dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", cfg, cfg.attention_bias)(x)
-        k = _dense(cfg.kv_heads * cfg.head_dim, "k_proj", cfg, cfg.attention_bias)(x)
-        v = _dense(cfg.kv_heads * cfg.head_dim, "v_proj", cfg, cfg.attention_bias)(x)
+        q, k, v = _project(cfg, x, [_dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", cfg, cfg.attention_bias),
+                                    _dense(cfg.kv_heads * cfg.head_dim, "k_proj", cfg, cfg.attention_bias),
+                                    _dense(cfg.kv_heads * cfg.head_dim, "v_proj", cfg, cfg.attention_bias)])
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q = rotary(q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
         k = rotary(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions, inv_freq)
@@ -306,8 +318,8 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, "gate_proj", cfg, cfg.mlp_bias)(x)
-        up = _dense(cfg.intermediate_size, "up_proj", cfg, cfg.mlp_bias)(x)
+        gate, up = _project(cfg, x, [_dense(cfg.intermediate_size, "gate_proj", cfg, cfg.mlp_bias),
+                                     _dense(cfg.intermediate_size, "up_proj", cfg, cfg.mlp_bias)])
         return _dense(cfg.hidden_size, "down_proj", cfg, cfg.mlp_bias)(nn.silu(gate) * up)
 
 
