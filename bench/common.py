@@ -231,7 +231,7 @@ def step_report(runners, baseline, tokens: int, first: dict, targets: dict | Non
     """
     targets = targets or {}
     base_time = stats(baseline.times)
-    base_mem = _args_temp(baseline.memory)
+    base_mem = args_temp(baseline.memory)
     per_step = {}
     for r in runners:
         s = stats(r.times)
@@ -240,8 +240,8 @@ def step_report(runners, baseline, tokens: int, first: dict, targets: dict | Non
             "ratio_vs_full_of_mins": s["min_s"] / base_time["min_s"],
             "flops_ratio_vs_full": ratio(r.flops, baseline.flops),
             "lower_s": r.lower_s, "compile_s": r.compile_s, "times_s": r.times, **first[r.label],
-            "memory": r.memory, "flops": r.flops, "memory_args_temp": _args_temp(r.memory),
-            "memory_ratio_vs_full": ratio(_args_temp(r.memory), base_mem),
+            "memory": r.memory, "flops": r.flops, "memory_args_temp": args_temp(r.memory),
+            "memory_ratio_vs_full": ratio(args_temp(r.memory), base_mem),
         }
     verdicts = {}
     for label, (column, limit) in targets.items():
@@ -278,7 +278,8 @@ def step_report(runners, baseline, tokens: int, first: dict, targets: dict | Non
     }
 
 
-def _args_temp(mem: dict):
+def args_temp(mem: dict):
+    """XLA's argument + temporary bytes of a memory analysis, or None."""
     parts = (mem.get("argument_size_in_bytes"), mem.get("temp_size_in_bytes"))
     return None if None in parts else sum(parts)
 
