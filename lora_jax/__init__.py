@@ -14,35 +14,46 @@ adapters out over a device mesh for sharded training and merging.
 import importlib
 
 from lora_jax import deprecation
-from lora_jax.adapter_set import AdapterSet
-from lora_jax.config import Adapter, LoraConfig
-from lora_jax.functional import init_lora_fn, lora_apply_fn, merge_fn, unmerge_fn
-from lora_jax.linen import find_layers, init_lora, lora_apply
-from lora_jax.multi import Combined, Stacked, combine, stack
-from lora_jax.report import Summary, summary
-from lora_jax.targets import Layer, select
-from lora_jax.train import make_full_train_step, make_train_step
-from lora_jax.tree import adapter_paths, adapter_nodes, count_params, merge, unmerge
 
 __version__ = "0.2.0"
 
-# Submodules loaded on first use (PEP 562), so that ``import lora_jax`` costs little more than
-# ``import jax, flax, optax`` and loads no optional dependency: ``io`` brings orbax and safetensors,
-# ``nnx`` brings flax.nnx, ``sharding``/``analysis``/``inits``/``quant`` are not needed to train an adapter.
+# Every public name is loaded on first use (PEP 562), so that ``import lora_jax`` loads no JAX, Flax or
+# optax (``lora-jax --help`` imports this package and must start fast); the first access imports the
+# module that defines the name, and binds the name here so that later look-ups are plain attributes.
+_NAMES = {
+    "AdapterSet": "adapter_set",
+    "Adapter": "config", "LoraConfig": "config",
+    "init_lora_fn": "functional", "lora_apply_fn": "functional", "merge_fn": "functional", "unmerge_fn": "functional",
+    "find_layers": "linen", "init_lora": "linen", "lora_apply": "linen",
+    "Combined": "multi", "Stacked": "multi", "combine": "multi", "stack": "multi",
+    "Summary": "report", "summary": "report",
+    "Layer": "targets", "select": "targets",
+    "make_full_train_step": "train", "make_train_step": "train",
+    "adapter_paths": "tree", "adapter_nodes": "tree", "count_params": "tree", "merge": "tree", "unmerge": "tree",
+}
+# Submodules loaded on first use: those in ``__all__`` (``io`` brings orbax and safetensors, ``nnx`` brings
+# flax.nnx, ``sharding``/``analysis``/``inits``/``quant`` are not needed to train an adapter), then the
+# internal ones that importing the names above used to bind as attributes (still served, and in ``dir()``).
 _SUBMODULES = ("analysis", "backend", "core", "factors", "functional", "inits", "io", "kinds", "models", "multi",
-               "nnx", "optim", "quant", "reference", "sharding")
+               "nnx", "optim", "quant", "reference", "sharding",
+               "adapter_set", "config", "contract", "linen", "mixed", "report", "targets", "train", "tree")
 # Names renamed in 0.2, served for one release with a DeprecationWarning (not in __all__ or dir()).
-_DEPRECATED = deprecation.module_getattr(__name__, {"adapters": (lambda: adapter_nodes, "lora_jax.adapter_nodes")})
+_DEPRECATED = deprecation.module_getattr(__name__, {"adapters": (lambda: __getattr__("adapter_nodes"),
+                                                                 "lora_jax.adapter_nodes")})
 
 
 def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"lora_jax.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
     if name in _SUBMODULES:
         return importlib.import_module(f"lora_jax.{name}")   # also binds it as an attribute of the package
     return _DEPRECATED(name)
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def __dir__() -> list[str]:   # what the eager imports of 0.2 listed, whether loaded yet or not
+    return sorted((set(globals()) - {"_NAMES"}) | set(__all__) | set(_SUBMODULES))
 
 
 __all__ = [

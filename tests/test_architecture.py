@@ -8,6 +8,7 @@ from bench import architecture
 # Imports inside a function that defer an optional heavy dependency (or the application) on purpose.
 DEFERRED = {
     "lora_jax.io.progress",       # rich, only when a bar is drawn
+    "lora_jax.app.cli",           # the commands (JAX), only when one runs: --help loads no JAX
     "lora_jax.app.cli_data",      # tokenizers, only for a model folder with tokenizer.json
     "lora_jax.app.demo.report",   # matplotlib and rich, only when the report is drawn
     "lora_jax.app.demo.study",    # matplotlib, only when a figure is drawn

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from lora_jax import factors
-from lora_jax.app import cli
+from lora_jax.app import cli, cli_commands
 from lora_jax.app.cli_data import ByteTokenizer, check_adapter_fits, fingerprint, window_batch
 from lora_jax.io import Checkpointer, TrainState, load_peft
 from lora_jax.io import tensors as st
@@ -114,7 +114,7 @@ def test_train_writes_a_peft_adapter_that_fits_the_base(trained, paths, base):
     b = adapter.lora_params["model"]["layers_1"]["mlp"]["down_proj"]["b"]
     assert np.abs(b).max() > 0   # B starts at zero; training moved it
     # The PEFT file holds exactly the adapters of the last checkpoint.
-    like = TrainState(adapter.lora_params, cli._optimizer(1e-3, 0.01, 1.0).init(adapter.lora_params), 0, jax.random.key(0))
+    like = TrainState(adapter.lora_params, cli_commands._optimizer(1e-3, 0.01, 1.0).init(adapter.lora_params), 0, jax.random.key(0))
     with Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
         last = ckpt.restore(like, base=params)
     assert last.step == 4
@@ -161,9 +161,9 @@ def test_merge_writes_a_folder_with_the_unmerged_logits(trained, paths, base, tm
     ids = jnp.asarray([list(b"LoRA keeps frozen")[:16]], jnp.int32)
     # The jitted forwards the command used for its own check: this input's shape is its probe's, so no
     # recompilation; the folder is read back here independently.
-    expected = cli._forward(module, adapter.config)(params, adapter.lora_params, ids)
-    assert_close(cli._forward(merged_module, None)(merged, None, ids), expected, what="merged vs unmerged logits")
-    base_logits = cli._forward(module, None)(params, None, ids)
+    expected = cli_commands._forward(module, adapter.config)(params, adapter.lora_params, ids)
+    assert_close(cli_commands._forward(merged_module, None)(merged, None, ids), expected, what="merged vs unmerged logits")
+    base_logits = cli_commands._forward(module, None)(params, None, ids)
     assert float(jnp.max(jnp.abs(expected - base_logits))) > 1e-4   # the adapter changes the logits
     # A second merge into the same (now non-empty) folder is refused.
     code, _, stderr = run("merge", "--model", paths["model"], "--adapter", trained[0], "--out", out)
@@ -225,10 +225,10 @@ def test_inspect_singular_values_match_a_dense_svd(shape):
 
 
 def test_spectrum_summary():
-    assert cli.spectrum_summary(np.array([2.0, 2.0, 2.0])) == pytest.approx((2.0, 3.0, 1 / 3))
-    top, eff, share = cli.spectrum_summary(np.array([3.0, 0.0]))
+    assert cli_commands.spectrum_summary(np.array([2.0, 2.0, 2.0])) == pytest.approx((2.0, 3.0, 1 / 3))
+    top, eff, share = cli_commands.spectrum_summary(np.array([3.0, 0.0]))
     assert (top, eff, share) == (3.0, 1.0, 1.0)
-    top, eff, share = cli.spectrum_summary(np.zeros(4))
+    top, eff, share = cli_commands.spectrum_summary(np.zeros(4))
     assert (top, eff) == (0.0, 0.0) and np.isnan(share)
 
 
@@ -481,7 +481,7 @@ def test_demo_delegates_to_lora_jax_demo_run(monkeypatch):
         seen["args"] = args
         return 7
 
-    monkeypatch.setattr(cli.demo_run, "main", fake_main)
+    monkeypatch.setattr(cli_commands.demo_run, "main", fake_main)
     code, _, stderr = run("demo", "--steps", "3", "--backend", "cpu")
     assert code == 7, stderr
     assert (seen["args"].steps, seen["args"].rank, seen["args"].backend) == (3, 8, "cpu")
@@ -635,17 +635,7 @@ def test_ctrl_c_stops_at_once_with_one_line_and_whole_checkpoints(paths, trained
     with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=None) as ckpt:
         assert ckpt.latest_step() == last
         rng = jax.random.key(0, impl=ckpt.metadata()["rng_impl"])   # the subprocess's default key impl
-        like = TrainState(adapter.lora_params, cli._optimizer(1e-3, 0.01, 1.0).init(adapter.lora_params), 0, rng)
+        like = TrainState(adapter.lora_params, cli_commands._optimizer(1e-3, 0.01, 1.0).init(adapter.lora_params), 0, rng)
         assert [ckpt.restore(like, step=int(s)).step for s in steps] == list(map(int, steps))
 
 
-def test_help_does_not_import_orbax():
-    # `import lora_jax` brings jax, flax and optax (the package's __init__); --help adds nothing heavier,
-    # so orbax (Checkpointer, TrainState) is loaded only by the commands that save or restore.
-    code = ("import sys\nfrom lora_jax.app.cli import main\n"
-            "codes = [main(['--help']), main(['train', '--help']), main(['demo', '--help'])]\n"
-            "print(codes, sorted(m for m in sys.modules if m.split('.')[0] == 'orbax'))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "[0, 0, 0] []"

@@ -10,8 +10,6 @@ import numpy as np
 
 #: ``train`` warns when its windows cover the data more than this many times over.
 MAX_PASSES = 10.0
-#: ``train --eval-data`` scores at most this many windows.
-MAX_EVAL_WINDOWS = 16
 
 
 def rounding_bound(eps: float, logit_scale: float, n_layers: int) -> float:

@@ -1,7 +1,8 @@
 """The inputs of the ``lora-jax`` command: paths, model and adapter folders, tokenizers, training text.
 
-Kept apart from :mod:`lora_jax.app.cli` (the commands and their parser). Every
-problem a user can fix surfaces here as a :class:`CliError` whose message
+Kept apart from :mod:`lora_jax.app.cli_commands` (the commands) and
+:mod:`lora_jax.app.cli_args` (their parser). Every problem a user can fix
+surfaces here as a :class:`~lora_jax.app.cli_args.CliError` whose message
 names the file (and the line, for JSONL) at fault.
 """
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import core
+from lora_jax.app.cli_args import CliError
 from lora_jax.io import fields, load_peft
 from lora_jax.io.names import to_torch
 from lora_jax.models import from_pretrained
@@ -24,20 +26,6 @@ from lora_jax.tree import adapter_nodes, get_path, weight_name
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_KEY = "lora_jax_tokenizer"   # config.json key naming a built-in tokenizer
-
-
-class CliError(Exception):
-    """A problem the user can fix; the command prints its message and exits with ``code``.
-
-    ``code`` is 2 for a wrong command line (a path that does not exist or is
-    not the kind of folder the option names, an invalid option value) and 1
-    for a problem found while running (a damaged file, data that do not fit);
-    the rule in full is in :mod:`lora_jax.app.cli`'s docstring.
-    """
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 # ---- paths

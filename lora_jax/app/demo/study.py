@@ -41,6 +41,7 @@ import optax
 from lora_jax import analysis
 from lora_jax.config import LoraConfig
 from lora_jax.app.demo import data, pretrain
+from lora_jax.app.demo.options import CORPORA, DEFAULT_RANKS
 from lora_jax.io.progress import loss_progress
 from lora_jax.linen import init_lora, lora_apply
 from lora_jax.models.llama import causal_lm_loss
@@ -48,8 +49,6 @@ from lora_jax.multi import Adapter
 from lora_jax.train import make_train_step
 from lora_jax.tree import count_params, merge
 
-DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
-CORPORA = ("prose", "code", "shout")
 TARGETS = ("attention", "mlp")
 ENERGY = 0.9
 
