@@ -135,18 +135,22 @@ def test_remat_policies_change_nothing(policy):
 
 def test_attention_implementation_rule():
     gqa = LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4)
-    assert attention_implementation(gqa, jnp.bfloat16, backend="gpu") == "cudnn"
-    assert attention_implementation(gqa, jnp.float16, backend="gpu") == "cudnn"
-    assert attention_implementation(gqa, jnp.float32, backend="gpu") == "xla"
+    hopper, turing = dict(backend="gpu", compute_capability="9.0"), dict(backend="gpu", compute_capability="7.5")
+    assert attention_implementation(gqa, jnp.bfloat16, **hopper) == "cudnn"
+    assert attention_implementation(gqa, jnp.float16, **hopper) == "cudnn"
+    assert attention_implementation(gqa, jnp.float16, **turing) == "xla"
+    assert attention_implementation(gqa, jnp.float32, **hopper) == "xla"
     assert attention_implementation(gqa, jnp.bfloat16, backend="cpu") == "xla"
     assert attention_implementation(gqa, jnp.bfloat16, backend="tpu") == "xla"
     wide = LlamaConfig(hidden_size=1024, num_attention_heads=4)          # head_dim 256
-    assert attention_implementation(wide, jnp.bfloat16, backend="gpu") == "xla"
+    assert attention_implementation(wide, jnp.bfloat16, **hopper) == "xla"
     xla = dataclasses.replace(gqa, attention_implementation="xla")
-    assert attention_implementation(xla, jnp.bfloat16, backend="gpu") == "xla"
+    assert attention_implementation(xla, jnp.bfloat16, **hopper) == "xla"
     cudnn = dataclasses.replace(gqa, attention_implementation="cudnn")
     with pytest.raises(ValueError, match="float32, not bfloat16"):
-        attention_implementation(cudnn, jnp.float32, backend="gpu")
+        attention_implementation(cudnn, jnp.float32, **hopper)
+    with pytest.raises(ValueError, match="compute capability is 7.5"):
+        attention_implementation(cudnn, jnp.bfloat16, **turing)
     with pytest.raises(ValueError, match="backend is 'cpu'"):
         attention_implementation(cudnn, jnp.bfloat16, backend="cpu")
 

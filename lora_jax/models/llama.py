@@ -250,23 +250,31 @@ def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def attention_implementation(config: LlamaConfig, dtype, backend: str | None = None) -> str:
+def attention_implementation(config: LlamaConfig, dtype, backend: str | None = None,
+                             compute_capability: str | None = None) -> str:
     """The attention implementation a model with ``config`` uses for inputs of ``dtype``: ``"xla"`` or ``"cudnn"``.
 
     ``"auto"`` chooses cuDNN's fused (flash) attention where it applies: on a
-    GPU backend, for bfloat16 or float16 inputs, and a ``head_dim`` that is a
-    multiple of 8 and at most 128; XLA's plain attention everywhere else. An
+    GPU backend of compute capability 8.0 or newer (Ampere, Hopper, ...; read
+    from the first device unless ``compute_capability`` is given), for
+    bfloat16 or float16 inputs, and a ``head_dim`` that is a multiple of 8 and
+    at most 128; XLA's plain attention everywhere else. An
     explicit ``"cudnn"`` that does not apply raises instead of falling back.
     Decoding with a KV cache always uses XLA's (its mask is not causal-only).
 
     >>> attention_implementation(LlamaConfig(), jnp.bfloat16, backend="cpu")
     'xla'
-    >>> attention_implementation(LlamaConfig(hidden_size=2048, num_attention_heads=32), jnp.bfloat16, backend="gpu")
+    >>> attention_implementation(LlamaConfig(hidden_size=2048, num_attention_heads=32), jnp.bfloat16, backend="gpu",
+    ...                          compute_capability="9.0")
     'cudnn'
     """
     backend = backend or jax.default_backend()
+    if backend == "gpu" and compute_capability is None:
+        compute_capability = getattr(jax.devices("gpu")[0], "compute_capability", None)
+    major = int(str(compute_capability).split(".")[0]) if compute_capability not in (None, "") else 0
     problems = [text for bad, text in (
         (backend != "gpu", f"the backend is {backend!r}, not 'gpu'"),
+        (backend == "gpu" and major < 8, f"the GPU's compute capability is {compute_capability}, below 8.0"),
         (jnp.dtype(dtype) not in _CUDNN_DTYPES, f"the inputs are {jnp.dtype(dtype).name}, not bfloat16/float16"),
         (config.head_dim % 8 or config.head_dim > 128, f"head_dim is {config.head_dim}"),
     ) if bad]
@@ -274,8 +282,8 @@ def attention_implementation(config: LlamaConfig, dtype, backend: str | None = N
         return "xla"
     if problems:
         raise ValueError("LlamaConfig.attention_implementation='cudnn' cannot be used here: " + "; ".join(problems)
-                         + " (cuDNN's fused attention needs a GPU, bfloat16/float16 and head_dim a multiple of "
-                         "8 up to 128)")
+                         + " (cuDNN's fused attention needs a GPU of compute capability 8.0 or newer, bfloat16/float16 "
+                         "and head_dim a multiple of 8 up to 128)")
     return "cudnn"
 
 
