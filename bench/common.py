@@ -192,6 +192,11 @@ def run_rounds(runners, settings: dict, name: str) -> dict:
     """
     for r in runners:
         r.compile(name)
+    return time_rounds(runners, settings, name)
+
+
+def time_rounds(runners, settings: dict, name: str) -> dict:
+    """:func:`run_rounds` for runners already compiled: warm-up calls, then round-robin timing."""
     first = {}
     for i in range(settings["warmup"]):
         for r in runners:

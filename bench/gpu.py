@@ -193,22 +193,6 @@ def _compile_all(runners, name: str) -> None:
             future.result()
 
 
-def _time_steps(runners, settings: dict) -> dict:
-    """Warm-up calls, then round-robin timing; returns each runner's first loss and grad norm."""
-    first = {}
-    for i in range(settings["warmup"]):
-        for r in runners:
-            metrics, seconds = r.step()
-            if i == 0:
-                first[r.label] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                                  "first_call_s": seconds}
-    for i in common.progress(range(settings["repeats"]), total=settings["repeats"], desc=f"[{NAME}] steps"):
-        for j in range(len(runners)):
-            r = runners[(i + j) % len(runners)]
-            r.times.append(r.step()[1])
-    return first
-
-
 def _forwards(setup: Setup):
     model = LlamaForCausalLM(setup.config)
     lora = setup.lora["bfloat16"]
@@ -349,8 +333,8 @@ def run(*, tiny: bool = False, repeats: int = 10, warmup: int = 2, peak: float |
     runners = [setup.runner(v, tx) for v in VARIANTS]
     long_runner = setup.runner(LONG_VARIANT, tx)
     _compile_all(runners + [long_runner], NAME)
-    first = _time_steps(runners, settings)
-    first.update(_time_steps([long_runner], settings))
+    first = common.time_rounds(runners, settings, NAME)
+    first.update(common.time_rounds([long_runner], settings, NAME))
     by_label = {r.label: r for r in runners + [long_runner]}
     profile = _profile(by_label[DEFAULT], profile_steps)
     steps = {}
