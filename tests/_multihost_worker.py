@@ -9,9 +9,11 @@ The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=...`` and
 values (the same seed), joins the others through
 :func:`lora_jax.distributed.initialize` (multi), lays the base out with the
 ``fsdp`` rules on a mesh over all 8 devices, feeds its own rows of each
-batch, and trains ``STEPS`` steps. Process 0 writes ``OUT_PREFIX.<mode>.json``
+batch, and trains ``STEPS`` steps, then all processes save a checkpoint
+(``OUT_PREFIX.<mode>.ckpt``). Process 0 writes ``OUT_PREFIX.<mode>.json``
 (losses, grad norms, the step's collectives) and ``.npz`` (the final adapters,
-gathered from all processes).
+gathered from all processes). The single run also restores the multi run's
+checkpoint onto one device (run it second).
 """
 
 from __future__ import annotations
@@ -71,11 +73,20 @@ def main(prefix: str, mode: str, port: str = "", pid: str = "0", count: str = "1
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
     final = multihost_utils.process_allgather(lo_s, tiled=True)
+    if mode != "die":     # every process takes part in the save (orbax writes each shard from its holder)
+        from lora_jax.io.checkpoint import Checkpointer, TrainState
+
+        with Checkpointer(f"{prefix}.{mode}.ckpt") as ckpt:
+            ckpt.save(TrainState(lo_s, opt_s, step=STEPS))
     result.update(losses=losses, grad_norms=norms, collectives={"counts": comms.counts(), "bytes": comms.bytes()})
 
     arrays = {"sharded/" + jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
               for k, v in jax.tree_util.tree_flatten_with_path(final)[0]}
-    if mode == "single":    # the one-device run of the same steps
+    if mode == "single":    # the one-device run of the same steps, and the 2-process checkpoint restored here
+        restored = _restore_on_one_device(f"{prefix}.multi.ckpt", lora, tx.init(lora))
+        arrays.update({"restored/" + jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+                       for k, v in jax.tree_util.tree_flatten_with_path(restored.lora_params)[0]})
+        result["restored_step"] = int(restored.step)
         one = jax.devices()[0]
         ref, ref_opt = jax.device_put((lora, tx.init(lora)), one)
         plain = L.make_train_step(L.lora_apply(model, config), loss, tx)
@@ -93,6 +104,20 @@ def main(prefix: str, mode: str, port: str = "", pid: str = "0", count: str = "1
             json.dump(result, f, indent=1)
     if mode != "single":
         jax.distributed.shutdown()
+
+
+def _restore_on_one_device(directory, lora, opt_state):
+    """The newest step of ``directory`` restored onto this process's first device."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from lora_jax.io.checkpoint import Checkpointer, TrainState
+
+    one = SingleDeviceSharding(jax.devices()[0])
+    like = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=one),
+                                     tree)
+    with Checkpointer(directory) as ckpt:
+        return ckpt.restore(TrainState(like(lora), like(opt_state), 0))
 
 
 if __name__ == "__main__":

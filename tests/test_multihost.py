@@ -2,7 +2,8 @@
 
 Three ``fsdp`` training steps over the 8 devices of 2 processes equal the same
 steps in one process with 8 devices (loss, grad norm, adapters) and the
-one-device run, within float32 rounding; a process that dies makes the
+one-device run, within float32 rounding; the checkpoint the two processes
+save restores exactly in one process on one device; a process that dies makes the
 other stop within a bounded time, with JAX's error naming the dead task,
 instead of hanging. :func:`lora_jax.distributed.settings` reads and checks
 the coordinator settings.
@@ -62,9 +63,11 @@ def _wait(procs, timeout):
 def runs(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("multihost") / "run"
     port = _port()
-    procs = [_start(prefix, "single", 8)] + [_start(prefix, "multi", 4, port, pid, 2) for pid in (0, 1)]
-    for code, out in _wait(procs, 240):
-        assert code == 0, out[-3000:]
+    # the 2-process run first: the single-process run restores its checkpoint
+    for start in (lambda: [_start(prefix, "multi", 4, port, pid, 2) for pid in (0, 1)],
+                  lambda: [_start(prefix, "single", 8)]):
+        for code, out in _wait(start(), 240):
+            assert code == 0, out[-3000:]
     load = lambda mode: (json.loads(pathlib.Path(f"{prefix}.{mode}.json").read_text()),
                          dict(np.load(f"{prefix}.{mode}.npz")))
     return load("single"), load("multi")
@@ -86,6 +89,14 @@ def test_two_processes_train_as_one_process_and_as_one_device(runs):
         assert_close(m_arrays[name], s_arrays[name], what=f"{name}: 2 x 4 vs 1 x 8")
         assert_close(m_arrays[name], s_arrays["one/" + name.split("/", 1)[1]], what=f"{name}: 2 x 4 vs one device")
     assert set(multi["collectives"]["counts"]) <= {"all-gather", "all-reduce", "reduce-scatter"}
+
+
+def test_a_checkpoint_saved_by_two_processes_restores_in_one(runs):
+    """Orbax across processes: each writes its shards; one process on one device reads back every value exactly."""
+    (single, s_arrays), (_, m_arrays) = runs
+    assert single["restored_step"] == 3
+    for name, value in m_arrays.items():
+        np.testing.assert_array_equal(s_arrays["restored/" + name.split("/", 1)[1]], value, err_msg=name)
 
 
 def test_a_dead_process_stops_the_other_within_a_bounded_time(tmp_path):
