@@ -7,12 +7,24 @@
   3. train with the batch split over "data", and count the collectives XLA put
      into the compiled step;
   4. merge the adapters into the sharded base (nothing is gathered) and check it
-     against the merge on one device.
+     against the merge on one device;
+  5. with ``--out DIR``: write the adapter (PEFT format) and the merged model
+     (a Hugging Face folder), once, however many processes run.
 
 Without accelerators it runs on 8 CPU devices that XLA fakes (it sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts,
-unless you set XLA_FLAGS yourself). On several hosts, run the same script on
-each after ``jax.distributed.initialize()`` (see the README).
+unless you set XLA_FLAGS yourself).
+
+The same script runs on several processes (hosts, or processes on one
+machine): start it once per process with the coordinator settings in the
+environment (``LORA_JAX_COORDINATOR_ADDRESS``, ``LORA_JAX_NUM_PROCESSES``,
+``LORA_JAX_PROCESS_ID``; see :mod:`lora_jax.distributed` and the README's
+"Several hosts"). The mesh then spans every process's devices, each process
+feeds its own rows of the batch, and process 0 writes ``--out``. Two processes
+with 4 CPU devices each, on one machine::
+
+  for i in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=4 LORA_JAX_COORDINATOR_ADDRESS=127.0.0.1:12355 \
+      LORA_JAX_NUM_PROCESSES=2 LORA_JAX_PROCESS_ID=$i python examples/sharded_training.py & done; wait
 
 Run from the repository root:  python examples/sharded_training.py [--steps 30] [--mesh 4x2] [--strategy fsdp_tp]
 """
@@ -25,6 +37,7 @@ if "XLA_FLAGS" not in os.environ:          # must happen before JAX starts; harm
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import argparse
+import builtins
 import dataclasses
 import time
 
@@ -34,7 +47,7 @@ import numpy as np
 import optax
 
 import lora_jax
-from lora_jax import sharding
+from lora_jax import distributed, sharding
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 
 VOCAB, SEQ, BATCH, PERIOD = 256, 32, 16, 12
@@ -56,13 +69,20 @@ def main(argv=None):
     parser.add_argument("--strategy", default="fsdp_tp", choices=sharding.STRATEGIES)
     parser.add_argument("--scan", action="store_true", help="scan over the layers (params get a layer axis)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", metavar="DIR",
+                        help="write DIR/adapter (PEFT) and DIR/merged (Hugging Face folder), once")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    here = distributed.initialize()     # joins the other processes if the environment names them; else nothing
+    print = builtins.print if here.is_main else (lambda *a, **k: None)    # one report, from process 0
     shape = tuple(int(n) for n in args.mesh.split("x"))
     n = int(np.prod(shape))
+    if here.num_processes > 1 and n != jax.device_count():
+        raise SystemExit(f"--mesh {args.mesh} has {n} devices; with {here.num_processes} processes it must use all "
+                         f"{jax.device_count()} (each process's devices)")
     devices = jax.devices() if jax.device_count() >= n else jax.devices("cpu")
     mesh = sharding.make_mesh(shape, ("data", "model"), devices=devices[:n])
-    print(f"mesh {dict(mesh.shape)} over {n} {devices[0].platform} devices; {jax.process_count()} process(es)")
+    print(f"mesh {dict(mesh.shape)} over {n} {devices[0].platform} devices; {here.num_processes} process(es)")
 
     model_config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                num_attention_heads=4, scan_layers=args.scan)
@@ -94,8 +114,9 @@ def main(argv=None):
                                             lambda m, x: causal_lm_loss(m(x), x), tx, plan)
     rng = np.random.default_rng(args.seed)
     pattern = rng.permutation(VOCAB)[:PERIOD]
-    batch_of = lambda: plan.shard_batch(pattern[(rng.integers(0, PERIOD, (BATCH, 1)) + np.arange(SEQ)) % PERIOD]
-                                        .astype(np.int32))
+    # every process draws the same global batch and feeds its own rows of it
+    batch_of = lambda: plan.shard_batch(plan.local_rows(
+        pattern[(rng.integers(0, PERIOD, (BATCH, 1)) + np.arange(SEQ)) % PERIOD].astype(np.int32)))
     compiled = step.lower(lora_s, opt_s, base_s, batch_of()).compile()
     comms = sharding.collectives(compiled)
     counts, nbytes = comms.counts(), comms.bytes()
@@ -110,19 +131,27 @@ def main(argv=None):
     print("loss: " + ", ".join(f"step {i + 1} {losses[i]:.5f}" for i in shown))
 
     # 4. merge into the sharded base: each merged kernel keeps its sharding, nothing is gathered
-    merge = sharding.make_sharded_merge(config, plan.base)
+    merge = sharding.make_sharded_merge(config, plan.base_params)
     merge_compiled = merge.lower(base_s, lora_s).compile()
     merged = merge_compiled(base_s, lora_s)
     gathered = sharding.collectives(merge_compiled).counts().get("all-gather", 0)
     kept = all(m.sharding.is_equivalent_to(s, m.ndim) for m, s in zip(jax.tree.leaves(merged),
-                                                                        jax.tree.leaves(plan.base)))
-    one = jax.devices()[0]
+                                                                        jax.tree.leaves(plan.base_params)))
+    one = jax.local_devices()[0]
+    # gather: the adapters and merged weights may be spread over several processes
     expected = jax.jit(lambda b, l: lora_jax.merge(b, l, config))(jax.device_put(base, one),
-                                                                   jax.device_put(jax.device_get(lora_s), one))
-    diff = max(float(jnp.max(jnp.abs(jax.device_get(a) - jax.device_get(b))))
-               for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)))
+                                                                   jax.device_put(distributed.gather(lora_s), one))
+    diff = max(float(np.max(np.abs(a - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(distributed.gather(merged)), jax.tree.leaves(expected)))
     print(f"sharded merge: shardings kept {kept}, all-gathers {gathered}, "
           f"max |diff| vs merge on one device {diff:.3g}")
+
+    # 5. files meant to exist once: every process calls, process 0 writes, all return when they are complete
+    if args.out:
+        adapter = distributed.save_peft(os.path.join(args.out, "adapter"), base_s, lora_s, config)
+        folder = distributed.save_pretrained(os.path.join(args.out, "merged"), model_config, merged)
+        if here.is_main:    # the others get None: they wrote nothing
+            print(f"wrote {args.out}/adapter ({', '.join(adapter)}) and {args.out}/merged ({', '.join(folder)})")
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 

@@ -8,7 +8,8 @@ Several adapters for one base live in an ``AdapterSet`` (switch, mix per row,
 hot-swap); ``combine`` adds them into one. ``lora_apply_fn`` adapts any JAX
 function of a params pytree (plain dicts, haiku, equinox); ``lora_jax.nnx``
 attaches adapters to Flax NNX models; ``lora_jax.sharding`` lays base and
-adapters out over a device mesh for sharded training and merging.
+adapters out over a device mesh for sharded training and merging, and
+``lora_jax.distributed`` runs that over several processes (hosts).
 """
 
 import importlib
@@ -34,8 +35,8 @@ _NAMES = {
 # Submodules loaded on first use: those in ``__all__`` (``io`` brings orbax and safetensors, ``nnx`` brings
 # flax.nnx, ``sharding``/``analysis``/``inits``/``quant`` are not needed to train an adapter), then the
 # internal ones that importing the names above used to bind as attributes (still served, and in ``dir()``).
-_SUBMODULES = ("analysis", "backend", "core", "factors", "functional", "inits", "io", "kinds", "models", "multi",
-               "nnx", "optim", "quant", "reference", "sharding",
+_SUBMODULES = ("analysis", "backend", "core", "distributed", "factors", "functional", "inits", "io", "kinds",
+               "models", "multi", "nnx", "optim", "quant", "reference", "sharding",
                "adapter_set", "config", "contract", "linen", "mixed", "report", "targets", "train", "tree")
 # Names renamed in 0.2, served for one release with a DeprecationWarning (not in __all__ or dir()).
 _DEPRECATED = deprecation.module_getattr(__name__, {"adapters": (lambda: __getattr__("adapter_nodes"),
@@ -71,6 +72,7 @@ __all__ = [
     "combine",
     "core",
     "count_params",
+    "distributed",
     "factors",
     "find_layers",
     "functional",

@@ -21,14 +21,32 @@ pod slice's metadata, a Kubernetes JobSet): pass ``auto=True`` to let
 ``jax.distributed.initialize`` detect them. On CPU the processes exchange
 data through gloo (``jax_cpu_collectives_implementation``), which
 :func:`initialize` selects before the backend starts.
+
+Files meant to exist once (a PEFT export, a merged Hugging Face folder) are
+written by :func:`write_once` and its two uses :func:`save_peft` and
+:func:`save_pretrained`: every process calls them (the values are gathered
+from all processes' shards), process 0 writes, and all return when the files
+are complete, or all raise if process 0 could not write them. Orbax
+checkpoints (:class:`lora_jax.io.Checkpointer`) are written by every process,
+each its own shards, into one directory that all of them can reach.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lora_jax import io as lora_io
+from lora_jax import models
+
+R = TypeVar("R")
+#: Bytes of process 0's error message that :func:`write_once` passes to the other processes.
+MESSAGE_BYTES = 2048
 
 _ENV = {"coordinator_address": ("LORA_JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
         "num_processes": ("LORA_JAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
@@ -125,3 +143,110 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def current() -> Processes:
     """This process's :class:`Processes` (one process when :func:`initialize` was not needed)."""
     return Processes(jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def gather(tree) -> Any:
+    """Every leaf of ``tree`` as a host NumPy array holding its whole (global) value, on every process.
+
+    A leaf sharded across processes is assembled from all of them
+    (``process_allgather``); any other leaf is read where it is (all
+    processes are assumed to hold the same value, as after :meth:`Plan.place`).
+    With several processes this is a collective: every process must call it,
+    with the same tree, at the same point of the program.
+
+    >>> import jax.numpy as jnp
+    >>> gather({"a": jnp.arange(3.0)})["a"]
+    array([0., 1., 2.], dtype=float32)
+    """
+    return jax.tree.map(_host_value, tree)
+
+
+def _host_value(leaf) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+
+def _outcome(error: BaseException | None) -> tuple[bool, str]:
+    """Process 0's ``(succeeded, message)``, sent to every process (which all call this together)."""
+    text = "" if error is None else f"{type(error).__name__}: {error}"
+    raw = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    encoded = text.encode("utf-8")[:MESSAGE_BYTES]
+    raw[0], raw[1:1 + len(encoded)] = error is None, np.frombuffer(encoded, np.uint8)
+    sent = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+    return bool(sent[0]), bytes(sent[1:]).rstrip(b"\0").decode("utf-8", "replace")
+
+
+def write_once(write: Callable[[Any], R], tree, *, what: str = "the files") -> R | None:
+    """``write(values)`` on process 0 only, with ``tree`` gathered from every process's shards.
+
+    Every process calls it (the gather is a collective). Process 0 receives
+    ``tree`` as host NumPy arrays and writes; the others hold one gathered
+    leaf at a time and drop it, so only process 0 needs host memory for the
+    whole tree. All processes return once process 0 has finished, so the files
+    are complete wherever the call returns. If process 0's ``write`` raises,
+    process 0 re-raises its error and every other process raises a
+    ``RuntimeError`` quoting it, instead of carrying on or hanging.
+
+    With one process it is ``write(gather(tree))``.
+
+    Args:
+      write: called with the gathered tree on process 0; its result is returned there.
+      tree: the values to write (sharded or not).
+      what: names the files in the other processes' error.
+
+    Returns:
+      ``write``'s result on process 0; None on the others.
+
+    >>> import jax.numpy as jnp
+    >>> write_once(lambda values: float(values["w"].sum()), {"w": jnp.ones(4)})
+    4.0
+    """
+    if jax.process_count() == 1:
+        return write(gather(tree))
+    main = jax.process_index() == 0
+    values = jax.tree.map(lambda leaf: _host_value(leaf) if main else _host_value(leaf).shape, tree)
+    result, error = None, None
+    if main:
+        try:
+            result = write(values)
+        except Exception as err:  # noqa: BLE001 -- re-raised below, after the others have been told
+            error = err
+    ok, message = _outcome(error)
+    if error is not None:
+        raise error
+    if not ok:
+        raise RuntimeError(f"process 0 could not write {what}: {message}")
+    return result
+
+
+def save_peft(path, base_params, lora_params, config, **options) -> list[str] | None:
+    """:func:`lora_jax.io.save_peft` in a multi-process run: written once, by process 0 (see :func:`write_once`).
+
+    Every process calls it with its (sharded) ``lora_params``; of
+    ``base_params`` only the shapes and dtypes are read (nothing is gathered). ``options`` are
+    :func:`~lora_jax.io.save_peft`'s keywords.
+
+    Returns:
+      the file names written, on process 0; None on the others.
+    """
+    # Zero-stride stand-ins: the base's shapes and dtypes, sliceable like arrays, holding no memory.
+    shapes = jax.tree.map(lambda leaf: np.broadcast_to(np.zeros((), leaf.dtype), np.shape(leaf)), base_params)
+    return write_once(lambda lora: lora_io.save_peft(path, shapes, lora, config, **options), lora_params,
+                      what=f"the PEFT adapter in {os.fspath(path)!r}")
+
+
+def save_pretrained(path, config, params, **options) -> list[str] | None:
+    """:func:`lora_jax.models.save_pretrained` in a multi-process run: written once, by process 0.
+
+    For a merged model: ``params`` may be the output of
+    :func:`lora_jax.sharding.sharded_merge`, sharded across processes; process
+    0 gathers it weight by weight and writes the Hugging Face folder (see
+    :func:`write_once`). ``options`` are
+    :func:`~lora_jax.models.save_pretrained`'s keywords.
+
+    Returns:
+      the file names written, on process 0; None on the others.
+    """
+    return write_once(lambda values: models.save_pretrained(path, config, values, **options), params,
+                      what=f"the model folder {os.fspath(path)!r}")

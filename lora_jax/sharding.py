@@ -300,6 +300,45 @@ class Plan:
         return jax.device_put((base_params, lora_params, opt_state), (self.base_params, self.lora_params, self.opt_state),
                               may_alias=False)
 
+    def abstract(self, lora_params, opt_state):
+        """``(lora_params, opt_state)`` as ``jax.ShapeDtypeStruct`` leaves on this plan's shardings.
+
+        What :meth:`lora_jax.io.Checkpointer.restore` needs to read a
+        checkpoint straight onto this plan's mesh, whatever mesh or process
+        count saved it (``ckpt.restore(TrainState(*plan.abstract(lora, opt), 0))``);
+        nothing is allocated.
+        """
+        as_struct = lambda leaf, sharding: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+        return (jax.tree.map(as_struct, lora_params, self.lora_params),
+                jax.tree.map(as_struct, opt_state, self.opt_state))
+
+    def local_rows(self, global_batch):
+        """This process's rows of ``global_batch``: those its devices hold under :attr:`batch` (all, with one process).
+
+        For scripts where every process builds the same global batch (same data,
+        same seed) and keeps its own part: ``plan.shard_batch(plan.local_rows(batch))``.
+        The leading axis must split evenly over the batch's mesh axes.
+
+        >>> import jax.numpy as jnp, optax
+        >>> lora = {"q_proj": {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 6))}}
+        >>> p = plan(make_mesh((1, 1)), {"q_proj": {"kernel": jnp.zeros((4, 6))}}, lora, optax.sgd(0.1), "fsdp")
+        >>> p.local_rows(np.arange(8).reshape(4, 2)).shape    # one process: every row
+        (4, 2)
+        """
+        def rows(x):
+            x = np.asarray(x)
+            parts = int(np.prod([self.mesh.shape[a] for a in _axes(self.batch.spec[0])]))
+            if x.ndim == 0 or x.shape[0] % parts:
+                raise ValueError(f"the global batch's leading axis ({x.shape[:1]}) must split evenly over the "
+                                 f"{parts} devices of mesh axes {_axes(self.batch.spec[0])}")
+            index = self.batch.addressable_devices_indices_map(x.shape[:1])
+            spans = sorted({i[0].indices(x.shape[0])[:2] for i in index.values()})
+            if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+                raise ValueError(f"this process's devices hold rows {spans} of the batch, not one contiguous block; "
+                                 f"order the mesh's devices by process (make_mesh does)")
+            return x[spans[0][0]:spans[-1][1]]
+        return jax.tree.map(rows, global_batch)
+
     def shard_batch(self, local_batch):
         """The global batch from this process's rows (all of them with one process).
 
