@@ -281,3 +281,14 @@ def test_peft_loads_our_files_and_computes_our_logits(name, tmp_path):
     assert_logits_match(forward(module, base, ids, lora, config), peft["unmerged"], f"ours/{name} unmerged")
     assert_logits_match(forward(module, merge(base, lora, config), ids), peft["merged"], f"ours/{name} merged")
     assert np.max(np.abs(peft["unmerged"] - peft["disabled"])) > 0.01   # the adapter matters in PEFT too
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """safetensors 0.8 creates owner-only files; ours get what any new file gets, so others can read a model."""
+    old = os.umask(umask)
+    try:
+        st.write(tmp_path / "w.safetensors", {"w": np.ones(2, np.float32)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == mode

@@ -109,6 +109,15 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: 
     """Writes ``tensors`` to one ``.safetensors`` file (C-contiguous NumPy copies)."""
     arrays = {name: np.ascontiguousarray(np.asarray(value)) for name, value in tensors.items()}
     save_file(arrays, os.fspath(path), metadata=dict(PT_METADATA if metadata is None else metadata))
+    # safetensors (0.8) creates the file readable by its owner only; give it the permissions of any new
+    # file (0o666 less the umask), so that a model or adapter written for others can be read by them.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _shard_file(index: str, tensor: str, shard) -> str:
