@@ -33,7 +33,7 @@ def _requested(name: str | None) -> str:
 
 
 def use(name: str | None = None) -> jax.Device:
-    """Makes the first device of the chosen backend JAX's default device and returns it.
+    """Makes this process's first device of the chosen backend JAX's default device and returns it.
 
     Raises:
       BackendUnavailableError: the backend has no device here; for ``gpu`` and
@@ -43,11 +43,12 @@ def use(name: str | None = None) -> jax.Device:
     'cpu'
     """
     backend = _requested(name)
+    # This process's first device: with several processes, jax.devices()[0] belongs to process 0.
     if backend == "auto":
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]
     else:
         try:
-            device = jax.devices(backend)[0]
+            device = jax.local_devices(backend=backend)[0]
         except RuntimeError as err:
             hint = _INSTALL_HINTS.get(backend, "")
             raise BackendUnavailableError(
@@ -60,7 +61,7 @@ def use(name: str | None = None) -> jax.Device:
 def current() -> jax.Device:
     """The device JAX places new arrays on."""
     default = jax.config.jax_default_device
-    return default if isinstance(default, jax.Device) else jax.devices()[0]
+    return default if isinstance(default, jax.Device) else jax.local_devices()[0]
 
 
 def describe(device: jax.Device | None = None) -> str:

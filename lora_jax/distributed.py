@@ -145,6 +145,18 @@ def current() -> Processes:
     return Processes(jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def barrier(name: str) -> None:
+    """Waits until every process has reached ``barrier(name)``; nothing with one process.
+
+    For steps that must not overlap across processes, e.g. every process
+    checks an output folder before any of them writes into it.
+
+    >>> barrier("checked")    # one process: returns at once
+    """
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def gather(tree) -> Any:
     """Every leaf of ``tree`` as a host NumPy array holding its whole (global) value, on every process.
 

@@ -23,10 +23,13 @@ PROG = "lora-jax"
 BACKENDS = ("auto", "cpu", "gpu", "tpu")
 #: ``merge --dtype`` choices: the names of :data:`lora_jax.models.hf.DTYPES` (a test checks they agree).
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+#: ``train --sharding`` choices: :data:`lora_jax.sharding.STRATEGIES` (a test checks they agree).
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 #: ``train --eval-data`` scores at most this many windows.
 MAX_EVAL_WINDOWS = 16
 
-__all__ = ["BACKENDS", "COMMANDS", "CliError", "Command", "DTYPE_NAMES", "MAX_EVAL_WINDOWS", "PROG", "build_parser"]
+__all__ = ["BACKENDS", "COMMANDS", "CliError", "Command", "DTYPE_NAMES", "MAX_EVAL_WINDOWS", "PROG", "STRATEGIES",
+           "build_parser"]
 
 
 class CliError(Exception):
@@ -73,6 +76,18 @@ def _dropout(text: str) -> float:
     return value
 
 
+def _mesh(text: str) -> tuple[int, int]:
+    """``DATAxMODEL`` device counts.
+
+    >>> _mesh("4x2")
+    (4, 2)
+    """
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be DATAxMODEL device counts such as 8x1 or 4x2, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _targets(text: str) -> list[str]:
     entries = [t.strip() for t in text.split(",") if t.strip()]
     if not entries:
@@ -111,6 +126,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"give a held-out loss every --eval-every steps and at the end")
     p.add_argument("--eval-every", type=_positive_int, default=50, metavar="N",
                    help="steps between held-out losses with --eval-data (default 50)")
+    p.add_argument("--mesh", type=_mesh, default=None, metavar="DxM",
+                   help="train on a DATA x MODEL mesh of the backend's devices (with several processes, all of "
+                        "theirs); the batch splits over DATA (default: one device)")
+    p.add_argument("--sharding", choices=STRATEGIES, default="fsdp",
+                   help="with --mesh, how the frozen base is laid out: dp (replicated), fsdp (each weight split over "
+                        "DATA), tp (Megatron split over MODEL), fsdp_tp (both) (default fsdp)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in ADAPTER_DIR/checkpoints to --steps")
     p.add_argument("--overwrite", action="store_true",
@@ -199,11 +220,14 @@ COMMANDS = {
         "random windows of --seq-len tokens (fixed by --seed and the step number, so --resume is exact).\n"
         "Writes ADAPTER_DIR/adapter_config.json + adapter_model.safetensors (PEFT format) and orbax\n"
         "checkpoints in ADAPTER_DIR/checkpoints/. The tokenizer is DIR/tokenizer.json, or UTF-8 bytes\n"
-        'when config.json says "lora_jax_tokenizer": "bytes".',
+        'when config.json says "lora_jax_tokenizer": "bytes". With --mesh it trains sharded over several\n'
+        "devices; several processes (hosts) run the same command with LORA_JAX_COORDINATOR_ADDRESS,\n"
+        "LORA_JAX_NUM_PROCESSES and LORA_JAX_PROCESS_ID set, and an ADAPTER_DIR they all see.",
         "  lora-jax train --model llama-dir --data notes.txt --out my-adapter\n"
         "  lora-jax train --model llama-dir --data chat.jsonl --out my-adapter --rank 16 --alpha 32 \\\n"
         "      --targets q_proj,v_proj --steps 1000 --lr 2e-4 --batch-size 4 --seq-len 512\n"
-        "  lora-jax train --model llama-dir --data chat.jsonl --out my-adapter --steps 2000 --resume",
+        "  lora-jax train --model llama-dir --data chat.jsonl --out my-adapter --steps 2000 --resume\n"
+        "  lora-jax train --model llama-dir --data notes.txt --out my-adapter --mesh 8x1 --sharding fsdp",
         _add_train_arguments, "run_train"),
     "merge": Command(
         "fold an adapter into the base weights",

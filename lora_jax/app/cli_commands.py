@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax import backend, factors
+from lora_jax import backend, distributed, factors
 from lora_jax.analysis import effective_rank
 from lora_jax.app.demo import run as demo_run
 from lora_jax.app.demo import study
+from lora_jax.app import cli_mesh
 from lora_jax.app.cli_args import MAX_EVAL_WINDOWS, PROG, CliError
 from lora_jax.app.cli_data import (encode_checked, eos_token_id, existing_file, fingerprint, folder_bytes, load_adapter,
                                    load_fitting_adapter, load_model, load_tokenizer, read_documents, read_json,
@@ -38,7 +39,6 @@ from lora_jax.config import LoraConfig
 # Checkpointer and TrainState are read from the lazy `lora_jax.io` where used: they bring orbax, which
 # every command but train does not need.
 from lora_jax import io as lora_io
-from lora_jax.io import save_peft
 from lora_jax.io.names import to_torch
 from lora_jax.io.progress import loss_progress
 from lora_jax.linen import init_lora, lora_apply
@@ -160,13 +160,13 @@ def _check_finite(args, step: int, loss: float, lora) -> None:
                        f"non-finite (inf or nan); stopped without writing them; try a lower --lr than {args.lr:g}")
 
 
-def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool, evaluate=None):
+def _train_loop(args, state, step_fn, base, tokens, ckpt, dropout: bool, place, evaluate=None):
     losses = []
     with loss_progress(args.steps, "training", completed=state.step, enabled=True, stderr=True) as bar, \
             _report_interrupt(lambda: state.step, ckpt):
         while state.step < args.steps:
             i = state.step
-            batch = jnp.asarray(window_batch(tokens, seed=args.seed, step=i, batch_size=args.batch_size,
+            batch = place.batch(window_batch(tokens, seed=args.seed, step=i, batch_size=args.batch_size,
                                              seq_len=args.seq_len))
             rng = jax.random.fold_in(state.rng, i) if dropout else None
             lora, opt_state, metrics = step_fn(state.lora_params, state.opt_state, base, batch, rng)
@@ -258,12 +258,16 @@ def _lora_config(args, module, base, sample, rng):
 
 
 def run_train(args) -> int:
+    cli_mesh.join_processes()      # several processes when the environment names them; else nothing
     _use_backend(args)
+    cli_mesh.check_processes(args)
     existing_file(args.data, "--data")
     if args.eval_data is not None:
         existing_file(args.eval_data, "--eval-data")
     ckpt_dir = os.path.join(args.out, CHECKPOINTS)
     _check_out(args, ckpt_dir)
+    distributed.barrier("lora-jax train: --out checked")   # no process writes into --out before all have checked it
+    main = distributed.current().is_main
     module, base, hf = load_model(args.model, show_progress=_interactive())
     tokenizer = load_tokenizer(args.model, hf)
     tokens = tokenize_documents(tokenizer, read_documents(args.data), module.config.vocab_size, args.data)
@@ -278,18 +282,23 @@ def run_train(args) -> int:
                 "max_grad_norm": args.max_grad_norm, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "seed": args.seed, "eval_data": args.eval_data and os.path.abspath(args.eval_data),
                 "eval_tokens": None if eval_tokens is None else fingerprint(eval_tokens),
-                "eval_every": args.eval_every}
+                "eval_every": args.eval_every, "mesh": args.mesh and list(args.mesh),
+                "sharding": args.mesh and args.sharding}
     if args.resume:
         _check_same_run(args.out, settings)
     key_lora, key_dropout = jax.random.split(jax.random.key(args.seed))
     sample = jnp.zeros((args.batch_size, args.seq_len), jnp.int32)
     config, lora = _lora_config(args, module, base, sample, key_lora)
-    tx, step_fn = _train_step(module, config, args.lr, args.weight_decay, args.max_grad_norm)
-    # Committed to the device, as restored arrays are, so both start the same compiled step.
-    state = lora_io.TrainState(*jax.device_put((lora, tx.init(lora)), backend.current(), may_alias=False), step=0,
-                       rng=jax.device_put(key_dropout, backend.current()))
+    tx, one_device_step = _train_step(module, config, args.lr, args.weight_decay, args.max_grad_norm)
+    place = cli_mesh.Placement(args, base, lora, tx)
+    step_fn = place.step(module, config, tx, _next_token_loss, one_device_step)
+    # Committed to the device (or the mesh), as restored arrays are, so both start the same compiled step.
+    lora, opt_state, rng = place.state(lora, tx.init(lora), key_dropout)
+    state, base = lora_io.TrainState(lora, opt_state, step=0, rng=rng), place.base(base)
+    if args.mesh is not None:
+        _note(f"training on {place.describe()}")
     os.makedirs(args.out, exist_ok=True)
-    if not args.resume:
+    if main and not args.resume:
         with open(os.path.join(args.out, RUN_FILE), "w") as f:
             json.dump({"format": "lora_jax.app.cli.train/1", **settings}, f, indent=2)
     with lora_io.Checkpointer(ckpt_dir, base_ref=os.path.abspath(args.model)) as ckpt:
@@ -300,14 +309,17 @@ def run_train(args) -> int:
                                code=2)
             _note(f"resumed from step {state.step} ({ckpt_dir})")
         history, first_step = [], state.step
-        windows = None if eval_tokens is None else jnp.asarray(eval_windows(eval_tokens, args.seq_len,
-                                                                            MAX_EVAL_WINDOWS))
+        windows = None if eval_tokens is None else place.replicated(eval_windows(eval_tokens, args.seq_len,
+                                                                                 MAX_EVAL_WINDOWS))
         evaluate = None if windows is None else _evaluator(args, module, config, base, windows, history)
-        state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0, evaluate)
+        state, losses = _train_loop(args, state, step_fn, base, tokens, ckpt, config.dropout > 0, place, evaluate)
         ckpt.save(state, base=base)
         steps_saved = ckpt.all_steps()
-    files = save_peft(args.out, base, state.lora_params, config, task_type="CAUSAL_LM",
-                      base_model_name_or_path=args.model)
+    # every process takes part (the adapters may be sharded across them); process 0 writes
+    files = distributed.save_peft(args.out, base, state.lora_params, config, task_type="CAUSAL_LM",
+                                  base_model_name_or_path=args.model)
+    if not main:
+        return 0
     _print_train_summary(args, base, state, losses, files, steps_saved, len(tokens))
     if eval_tokens is not None:
         _record_held_out(args.out, history, first_step)

@@ -138,11 +138,16 @@ def _payload(state: TrainState) -> dict:
 
 
 def _abstract(leaf):
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return leaf
     if isinstance(leaf, jax.Array):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    return jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype)
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None:
+        return leaf
+    # No sharding given: the default device. (Orbax would otherwise reuse the saved sharding, which fails
+    # when the checkpoint was written by other devices or processes.)
+    default = jax.config.jax_default_device
+    device = default if isinstance(default, jax.Device) else jax.local_devices()[0]
+    dtype = leaf.dtype if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(leaf).dtype
+    return jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=jax.sharding.SingleDeviceSharding(device))
 
 
 def directory_size(path: str | os.PathLike) -> int:
