@@ -1,8 +1,8 @@
 """Text generation with a key/value cache: greedy or temperature sampling, jitted end to end.
 
 Works with any linen causal LM that follows the cache protocol of
-:class:`lora_jax.models.llama.LlamaForCausalLM`: ``module.config`` is a
-:class:`~lora_jax.models.llama.LlamaConfig` and
+:class:`lora_jax.models.decoder.DecoderForCausalLM` (Llama, Mistral, Qwen2, Qwen3):
+``module.config`` is a :class:`~lora_jax.models.decoder.DecoderConfig` and
 ``module.apply(variables, ids, cache=cache)`` returns ``(logits, cache)``.
 The model knows nothing of LoRA: to decode with adapters unmerged, pass a
 forward function that applies them (``apply=``); merged params need none.
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.llama import init_cache
+from lora_jax.models.decoder import init_cache
 
 # The keywords of 0.1 that bound the adapters inside ``generate``; the model package imports no front end,
 # so they cannot keep working and fail with the spelling that replaces them.

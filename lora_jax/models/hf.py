@@ -1,6 +1,10 @@
-"""Hugging Face model folders for the Llama model: ``from_pretrained`` and ``save_pretrained``.
+"""Hugging Face model folders of the Llama family: ``from_pretrained`` and ``save_pretrained``.
 
-A folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
+``config.json``'s ``model_type`` picks the architecture (:data:`ARCHITECTURES`:
+``llama``, ``mistral``, ``qwen2``, ``qwen3``); each maps onto the one decoder
+(:mod:`lora_jax.models.decoder`) through the record in its own file. A field
+that changes the computation is either honoured or refused with an error
+naming it. A folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Linear weights are stored by PyTorch as
 ``[out, in]`` and transposed to Flax's ``[in, out]`` kernels here, at the file
 boundary; embeddings and norm weights keep their layout. Every tensor of the
@@ -23,14 +27,16 @@ import numpy as np
 from lora_jax.io import tensors as st
 from lora_jax.io.fields import ConfigFieldError, read_json
 from lora_jax.io.names import stack_layers, to_torch, unstack_layers
-from lora_jax.models.llama import ROPE_TYPES, LlamaConfig, LlamaForCausalLM, RopeScaling
+from lora_jax.models import llama, mistral, qwen
+from lora_jax.models.architecture import HfArchitecture
+from lora_jax.models.decoder import ROPE_TYPES, DecoderConfig, DecoderForCausalLM, RopeScaling
 
 # Tensors some checkpoints carry that are not parameters (recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_PASSTHROUGH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "attention_bias",
-                "mlp_bias", "tie_word_embeddings")
+#: The architectures ``from_pretrained`` reads and ``save_pretrained`` writes, by ``model_type``.
+ARCHITECTURES: dict[str, HfArchitecture] = {a.model_type: a for a in (llama.HF, mistral.HF, qwen.QWEN2_HF,
+                                                                       qwen.QWEN3_HF)}
 
 
 def _rope_from_hf(hf: Mapping, where: str) -> tuple[Any, RopeScaling]:
@@ -47,17 +53,45 @@ def _rope_from_hf(hf: Mapping, where: str) -> tuple[Any, RopeScaling]:
     rope_type = source.get("rope_type", source.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ConfigFieldError(f"{where}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+    partial = source.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigFieldError(f"{where}: field 'partial_rotary_factor' is {partial!r}; rotating only part of each "
+                               f"head is not supported (only 1.0)")
     fields = {k: source[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                      "original_max_position_embeddings") if k in source}
     return theta, RopeScaling(rope_type, **fields)
 
 
-def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> LlamaConfig:
-    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict; refuses other architectures.
+def _architecture(hf: Mapping, where: str) -> HfArchitecture:
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        names = ", ".join(repr(t) for t in ARCHITECTURES)
+        raise ConfigFieldError(f"{where}: model_type {model_type!r} is not supported; only {names} "
+                               f"checkpoints can be loaded")
+    return ARCHITECTURES[model_type]
 
-    Every field read is checked for its type and range (``num_key_value_heads: 0``,
-    a negative ``hidden_size``, ``rope_theta: 0``, a bool where an int belongs):
-    a :class:`~lora_jax.io.fields.ConfigFieldError` names ``where``, the field and the value.
+
+def _check_common(hf: Mapping, where: str):
+    """Refuses the shared fields whose other values we do not compute."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigFieldError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; the Llama family uses "
+                               f"'silu'")
+    dropout = hf.get("attention_dropout") or 0.0
+    if dropout != 0.0:
+        raise ConfigFieldError(f"{where}: field 'attention_dropout' is {dropout!r}; dropout on the attention "
+                               f"weights is not supported (only 0.0)")
+
+
+def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> DecoderConfig:
+    """The config (a :class:`LlamaConfig`, ``MistralConfig``, ...) of a Hugging Face ``config.json`` dict.
+
+    ``model_type`` picks the architecture; others are refused. Every field
+    read is checked for its type and range (``num_key_value_heads: 0``, a
+    negative ``hidden_size``, ``rope_theta: 0``, a bool where an int belongs),
+    and a field whose value we do not implement (``use_sliding_window: true``
+    for Qwen, a ``hidden_act`` other than silu) is refused: a
+    :class:`~lora_jax.io.fields.ConfigFieldError` names ``where``, the field
+    and the value.
 
     >>> config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}).head_dim
     16
@@ -65,41 +99,72 @@ def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> L
     Traceback (most recent call last):
     ...
     lora_jax.io.fields.ConfigFieldError: config.json: LlamaConfig.vocab_size must be a positive int, got 0
+    >>> type(config_from_hf({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4})).__name__
+    'Qwen3Config'
     """
-    if hf.get("model_type") != "llama":
-        raise ConfigFieldError(f"{where}: model_type {hf.get('model_type')!r} is not supported; only 'llama' "
-                               f"(LlamaForCausalLM) checkpoints can be loaded")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigFieldError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; Llama uses 'silu'")
+    arch = _architecture(hf, where)
+    _check_common(hf, where)
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if name not in DTYPES and not {"dtype", "param_dtype"} <= set(overrides):
         raise ConfigFieldError(f"{where}: field 'dtype' {name!r} is not supported (supported: {sorted(DTYPES)}); "
                                f"pass dtype= and param_dtype= to choose the dtypes")
     try:
-        kwargs: dict[str, Any] = {k: hf[k] for k in _PASSTHROUGH if hf.get(k) is not None}
+        kwargs: dict[str, Any] = {k: hf.get(k, arch.defaults.get(k)) for k in arch.fields}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.update(arch.fixed)
+        if arch.read is not None:
+            kwargs.update(arch.read(hf, where))
         kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, where)
         kwargs.update(dtype=DTYPES.get(name), param_dtype=DTYPES.get(name))
         kwargs.update(overrides)
-        return LlamaConfig(**kwargs)
+        return arch.config_class(**kwargs)
     except ConfigFieldError:
         raise
     except ValueError as err:
         raise ConfigFieldError(f"{where}: {err}") from None
 
 
-def config_to_hf(config: LlamaConfig) -> dict:
-    """The ``config.json`` dict (transformers 5 layout) for ``config``."""
+def architecture_of(config: DecoderConfig) -> HfArchitecture:
+    """The Hugging Face architecture ``config``'s class stands for (a plain ``DecoderConfig`` is refused).
+
+    >>> architecture_of(llama.LlamaConfig()).class_name
+    'LlamaForCausalLM'
+    """
+    for arch in ARCHITECTURES.values():
+        if type(config) is arch.config_class:
+            return arch
+    raise ValueError(f"{type(config).__name__} names no Hugging Face architecture; use one of "
+                     f"{[a.config_class.__name__ for a in ARCHITECTURES.values()]}")
+
+
+def _effective(config: DecoderConfig, fields) -> dict:
+    """``config``'s ``fields``, with ``attention_output_bias`` resolved (``None`` follows ``attention_bias``)."""
+    return {f: config.o_proj_bias if f == "attention_output_bias" else getattr(config, f) for f in fields}
+
+
+def config_to_hf(config: DecoderConfig) -> dict:
+    """The ``config.json`` dict (transformers 5 layout) for ``config``.
+
+    Refuses a config its architecture cannot express (a ``LlamaConfig`` with
+    ``qk_norm=True``, a ``Qwen2Config`` with a bias on ``o_proj``), naming the field.
+    """
+    arch = architecture_of(config)
+    have, want = _effective(config, arch.fixed), _effective(dataclasses.replace(config, **arch.fixed), arch.fixed)
+    for field in arch.fixed:
+        if have[field] != want[field]:
+            raise ValueError(f"{type(config).__name__}.{field}={have[field]!r} cannot be written as a Hugging Face "
+                             f"{arch.model_type!r} config (that architecture has {field}={want[field]!r})")
     rope: dict[str, Any] = {"rope_type": config.rope_scaling.rope_type, "rope_theta": config.rope_theta}
     if config.rope_scaling.rope_type != "default":
         rope.update({k: v for k, v in vars(config.rope_scaling).items() if k != "rope_type"})
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            **{k: getattr(config, k) for k in _PASSTHROUGH}, "rope_parameters": rope,
-            "dtype": jnp.dtype(config.param_dtype).name}
+    return {"architectures": [arch.class_name], "model_type": arch.model_type, "hidden_act": "silu",
+            **{k: getattr(config, k) for k in arch.fields}, **(arch.write(config) if arch.write else {}),
+            "rope_parameters": rope, "dtype": jnp.dtype(config.param_dtype).name}
 
 
-def _expected(config: LlamaConfig) -> dict:
+def _expected(config: DecoderConfig) -> dict:
     """Param shapes of the unscanned model, ``{path tuple: ShapeDtypeStruct}``."""
-    module = LlamaForCausalLM(dataclasses.replace(config, scan_layers=False, remat=False, activation_sharding=None))
+    module = DecoderForCausalLM(dataclasses.replace(config, scan_layers=False, remat=False, activation_sharding=None))
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     return {tuple(str(k.key) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
@@ -115,7 +180,7 @@ def tensor_name(path: tuple[str, ...]) -> str:
     return f"{to_torch('/'.join(path[:-1]))}.{leaf}"
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict:
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: DecoderConfig) -> dict:
     """Flax params (unscanned layout, NumPy) from a PyTorch state dict; kernels are transposed."""
     expected = _expected(config)
     names = {tensor_name(path): path for path in expected}
@@ -143,7 +208,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> di
     return params
 
 
-def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping, config: DecoderConfig) -> dict[str, np.ndarray]:
     """The PyTorch state dict for Flax ``params`` (either layout); kernels are transposed."""
     if config.scan_layers:
         params = unstack_layers(params)
@@ -157,8 +222,12 @@ def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, scan_layers: bool = False,
                     remat: bool = False, show_progress: bool = True,
-                    check_finite: bool = True) -> tuple[LlamaForCausalLM, dict]:
-    """Reads a Hugging Face Llama folder; returns ``(module, params)``.
+                    check_finite: bool = True) -> tuple[DecoderForCausalLM, dict]:
+    """Reads a Hugging Face folder of a Llama-family model; returns ``(module, params)``.
+
+    The module is the architecture's class (``LlamaForCausalLM``,
+    ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, as
+    ``config.json``'s ``model_type`` says).
 
     Args:
       path: a folder with ``config.json`` and ``model.safetensors`` (or a
@@ -181,10 +250,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
         index pointing outside the folder or listing a tensor in two shards.
 
     >>> import tempfile
-    >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+    >>> cfg = llama.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
     ...                   num_attention_heads=2)
     >>> ids = jnp.zeros((1, 3), jnp.int32)
-    >>> params = LlamaForCausalLM(cfg).init(jax.random.key(0), ids)["params"]
+    >>> params = llama.LlamaForCausalLM(cfg).init(jax.random.key(0), ids)["params"]
     >>> with tempfile.TemporaryDirectory() as d:
     ...     files = save_pretrained(d, cfg, params)
     ...     module, loaded = from_pretrained(d, show_progress=False)
@@ -206,16 +275,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
     params = params_from_hf(tensors, config)
     if scan_layers:
         params = stack_layers(params)
-    return LlamaForCausalLM(config), jax.tree.map(jnp.asarray, params)
+    return architecture_of(config).module_class(config), jax.tree.map(jnp.asarray, params)
 
 
-def save_pretrained(path: str | os.PathLike, config: LlamaConfig | LlamaForCausalLM, params: Mapping, *,
+def save_pretrained(path: str | os.PathLike, config: DecoderConfig | DecoderForCausalLM, params: Mapping, *,
                     max_shard_bytes: int | None = None, extra_config: Mapping[str, Any] | None = None) -> list[str]:
-    """Writes ``params`` as a Hugging Face folder that ``transformers`` loads as ``LlamaForCausalLM``.
+    """Writes ``params`` as a Hugging Face folder that ``transformers`` loads (``LlamaForCausalLM``, ...).
 
     Args:
       path: the output folder (created).
-      config: the model's :class:`LlamaConfig` (or the module).
+      config: the model's config (:class:`LlamaConfig`, ``MistralConfig``, ``Qwen2Config``,
+        ``Qwen3Config``; its class picks the architecture) or the module.
       params: its params (scanned or not, as ``config`` says).
       max_shard_bytes: split the weights into shards of at most this size,
         with a ``model.safetensors.index.json``.
@@ -225,7 +295,7 @@ def save_pretrained(path: str | os.PathLike, config: LlamaConfig | LlamaForCausa
     Returns:
       the file names written.
     """
-    if isinstance(config, LlamaForCausalLM):
+    if isinstance(config, DecoderForCausalLM):
         config = config.config
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

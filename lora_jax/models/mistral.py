@@ -1,0 +1,63 @@
+"""Mistral: the shared decoder with sliding-window attention, under Hugging Face's ``mistral`` name.
+
+Mistral is Llama without biases and with ``sliding_window``: each position
+attends to itself and the ``sliding_window - 1`` positions before it (all
+layers alike; ``null`` in ``config.json`` means the whole prefix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from lora_jax.io.fields import ConfigFieldError
+from lora_jax.models.architecture import COMMON_FIELDS, HfArchitecture
+from lora_jax.models.decoder import DecoderConfig, DecoderForCausalLM
+
+__all__ = ["MistralConfig", "MistralForCausalLM"]
+
+#: transformers' ``MistralConfig.sliding_window`` when ``config.json`` has no such key.
+HF_DEFAULT_SLIDING_WINDOW = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig(DecoderConfig):
+    """A :class:`~lora_jax.models.decoder.DecoderConfig` for Hugging Face's ``MistralForCausalLM``.
+
+    ``sliding_window``: the attention window in positions (the query
+    included), or ``None`` for full causal attention.
+
+    >>> MistralConfig(hidden_size=64, num_attention_heads=4, sliding_window=8).sliding_window
+    8
+    """
+
+
+class MistralForCausalLM(DecoderForCausalLM):
+    """The decoder for a :class:`MistralConfig` (Hugging Face's ``MistralForCausalLM`` module paths).
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+    ...                                          num_hidden_layers=1, num_attention_heads=2, sliding_window=2))
+    >>> ids = jnp.zeros((1, 5), jnp.int32)
+    >>> model.apply(model.init(jax.random.key(0), ids), ids).shape
+    (1, 5, 32)
+    """
+
+
+def _read(hf: Mapping, where: str) -> dict:
+    """``sliding_window``: absent means transformers' default, ``null`` means none."""
+    window = hf.get("sliding_window", HF_DEFAULT_SLIDING_WINDOW)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigFieldError(f"{where}: field 'sliding_window' must be a positive int or null, got {window!r}")
+    return {"sliding_window": window}
+
+
+def _write(config: DecoderConfig) -> dict:
+    return {"sliding_window": config.sliding_window}
+
+
+HF = HfArchitecture(
+    model_type="mistral", class_name="MistralForCausalLM", config_class=MistralConfig,
+    module_class=MistralForCausalLM, fields=COMMON_FIELDS,
+    fixed={"attention_bias": False, "attention_output_bias": None, "mlp_bias": False, "qk_norm": False},
+    defaults={"num_key_value_heads": 8}, read=_read, write=_write)

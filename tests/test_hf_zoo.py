@@ -1,0 +1,227 @@
+"""Llama, Mistral, Qwen2 and Qwen3 against transformers and PEFT: logits, adapters, generation, files, refusals.
+
+The fixtures under tests/fixtures/zoo were written by transformers 5.24 / PEFT 0.21.2 / torch 2.13
+(tests/fixtures/make_zoo_fixtures.py); these tests need none of them. Each architecture's model,
+adapter and compiled functions are built once per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import lora_apply, merge
+from lora_jax.io import load_peft, save_peft
+from lora_jax.io import tensors as st
+from lora_jax.io.fields import ConfigFieldError
+from lora_jax.models import (DecoderConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                             Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, from_pretrained, generate,
+                             save_pretrained)
+from lora_jax.models.hf import config_from_hf, config_to_hf
+from tests.tolerances import assert_close
+
+ZOO = os.path.join(os.path.dirname(__file__), "fixtures", "zoo")
+CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+ARCHS = list(CLASSES)
+#: the issue's bar for float32 agreement with PyTorch
+MAX_ABS = 1e-5
+PROMPT_LEN, MAX_NEW_TOKENS = 5, 8
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, np.ndarray]:
+    with np.load(os.path.join(ZOO, "reference.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclasses.dataclass
+class Zoo:
+    """One architecture's model, adapter and logits, computed once."""
+
+    module: object
+    params: dict
+    adapter: object
+    merged: dict
+    logits: np.ndarray
+    unmerged: np.ndarray
+    merged_logits: np.ndarray
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def zoo(request, ref) -> tuple[str, Zoo]:
+    arch = request.param
+    module, params = from_pretrained(os.path.join(ZOO, arch), show_progress=False)
+    adapter = load_peft(os.path.join(ZOO, "adapters", arch))
+    ids = jnp.asarray(ref["input_ids"])
+    base = jax.jit(lambda p, ids: module.apply({"params": p}, ids))
+    adapted = jax.jit(lora_apply(module, adapter.config))
+    merged = merge(params, adapter.lora_params, adapter.config)
+    return arch, Zoo(module, params, adapter, merged, np.asarray(base(params, ids)),
+                     np.asarray(adapted(params, adapter.lora_params, ids)), np.asarray(base(merged, ids)))
+
+
+def assert_matches_torch(actual, expected, what: str):
+    err = float(np.max(np.abs(np.asarray(actual) - expected)))
+    assert err <= MAX_ABS, f"{what}: max abs logit difference {err:.3g} > {MAX_ABS}"
+    assert_close(actual, expected, np.float32, what=what)
+
+
+def test_folder_is_read_as_its_architecture(zoo):
+    arch, z = zoo
+    config_class, module_class = CLASSES[arch]
+    assert type(z.module) is module_class and type(z.module.config) is config_class
+    cfg, attn = z.module.config, z.params["model"]["layers_0"]["self_attn"]
+    expected = {"llama": (8, True, True, False, None), "mistral": (8, False, False, False, 4),
+                "qwen2": (8, True, False, False, None), "qwen3": (16, True, True, True, None)}[arch]
+    assert (cfg.head_dim, "bias" in attn["q_proj"], "bias" in attn["o_proj"], "q_norm" in attn,
+            cfg.sliding_window) == expected
+    assert ("lm_head" in z.params) == (arch != "qwen2")   # the tied Qwen2 has no head of its own
+
+
+def test_logits_match_transformers(zoo, ref):
+    arch, z = zoo
+    assert_matches_torch(z.logits, ref[f"{arch}/logits"], f"{arch} base")
+
+
+def test_adapter_matches_peft_unmerged_and_merged(zoo, ref):
+    arch, z = zoo
+    assert float(np.max(np.abs(ref[f"{arch}/unmerged"] - ref[f"{arch}/logits"]))) > 0.5   # the adapter matters
+    assert_matches_torch(z.unmerged, ref[f"{arch}/unmerged"], f"{arch} unmerged")
+    assert_matches_torch(z.merged_logits, ref[f"{arch}/merged"], f"{arch} merged")
+    assert_close(z.merged_logits, z.unmerged, np.float32, what=f"{arch}: our merged vs our unmerged")
+
+
+def test_greedy_generation_matches_transformers(zoo, ref):
+    arch, z = zoo
+    prompt = jnp.asarray(ref["input_ids"][:, :PROMPT_LEN])
+    base = generate(z.module, z.params, prompt, max_new_tokens=MAX_NEW_TOKENS)
+    np.testing.assert_array_equal(np.asarray(base), ref[f"{arch}/generate"])
+    with_adapter = generate(z.module, z.merged, prompt, max_new_tokens=MAX_NEW_TOKENS)
+    np.testing.assert_array_equal(np.asarray(with_adapter), ref[f"{arch}/adapter_generate"])
+
+
+def test_scanned_fused_and_rematerialised_variant_agrees(zoo, ref):
+    arch, z = zoo
+    module, params = from_pretrained(os.path.join(ZOO, arch), show_progress=False, scan_layers=True, remat=True)
+    module = type(module)(dataclasses.replace(module.config, fused_projections=True))
+    ids = jnp.asarray(ref["input_ids"])
+    assert_matches_torch(jax.jit(module.apply)({"params": params}, ids), ref[f"{arch}/logits"], f"{arch} scanned")
+    loss = jax.jit(lambda p: module.apply({"params": p}, ids, labels=ids))(params)
+    logits = ref[f"{arch}/logits"][:, :-1].astype(np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, ref["input_ids"][:, 1:, None], -1)[..., 0]
+    assert_close(loss, np.mean(logz - picked), np.float32, what=f"{arch} chunked loss")
+
+
+def test_save_pretrained_round_trip(zoo, ref, tmp_path):
+    arch, z = zoo
+    files = save_pretrained(tmp_path, z.module, z.params)
+    assert files == ["config.json", "model.safetensors"]
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    with open(os.path.join(ZOO, arch, "config.json")) as f:
+        original = json.load(f)
+    assert written["model_type"] == arch and written["architectures"] == original["architectures"]
+    for key in set(written) & set(original) - {"transformers_version", "max_window_layers"}:
+        assert written[key] == original[key], key
+    assert set(st.read_folder(str(tmp_path), show_progress=False)) == \
+        set(st.read_folder(os.path.join(ZOO, arch), show_progress=False))
+    module, params = from_pretrained(tmp_path, show_progress=False)
+    assert module == z.module
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, z.params))
+
+
+def test_save_peft_round_trip_writes_peft_keys(zoo, tmp_path):
+    arch, z = zoo
+    save_peft(tmp_path, z.params, z.adapter.lora_params, z.adapter.config, task_type="CAUSAL_LM")
+    ours = st.read(str(tmp_path / "adapter_model.safetensors"))
+    theirs = st.read(os.path.join(ZOO, "adapters", arch, "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)                       # PEFT's own key set: none missing or extra
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    again = load_peft(tmp_path)
+    assert again.config.scaling("model/layers_0/self_attn/q_proj") == 2.0
+    assert jax.tree.all(jax.tree.map(np.array_equal, again.lora_params, z.adapter.lora_params))
+
+
+def test_mistral_window_changes_the_logits(ref):
+    module, params = from_pretrained(os.path.join(ZOO, "mistral"), show_progress=False)
+    full = MistralForCausalLM(dataclasses.replace(module.config, sliding_window=None))
+    logits = np.asarray(jax.jit(full.apply)({"params": params}, jnp.asarray(ref["input_ids"])))
+    window = module.config.sliding_window
+    # Positions within the window see the same keys either way; later ones do not.
+    assert_close(logits[:, :window], ref["mistral/logits"][:, :window], np.float32, what="inside the window")
+    assert float(np.max(np.abs(logits[:, window:] - ref["mistral/logits"][:, window:]))) > 0.1
+
+
+def _config(arch: str) -> dict:
+    with open(os.path.join(ZOO, arch, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("arch, changes, field", [
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
+    ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ("qwen3", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+    ("mistral", {"sliding_window": 0}, "sliding_window"),
+    ("mistral", {"sliding_window": 2.5}, "sliding_window"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("qwen3", {"attention_dropout": 0.1}, "attention_dropout"),
+    ("mistral", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type 'yarn'"),
+    ("qwen3", {"head_dim": 0}, "head_dim"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0,
+                                   "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+    ("llama", {"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
+])
+def test_fields_we_do_not_compute_are_refused_by_name(arch, changes, field):
+    hf = {**_config(arch), **changes}
+    with pytest.raises(ConfigFieldError, match=field):
+        config_from_hf(hf, where="config.json")
+
+
+def test_config_defaults_are_transformers_defaults():
+    hf = {k: v for k, v in _config("mistral").items() if k not in ("sliding_window", "num_key_value_heads")}
+    cfg = config_from_hf({**hf, "num_attention_heads": 16})
+    assert (cfg.sliding_window, cfg.num_key_value_heads) == (4096, 8)     # MistralConfig's defaults
+    assert config_from_hf({**_config("mistral"), "sliding_window": None}).sliding_window is None
+    hf = {k: v for k, v in _config("qwen3").items() if k != "head_dim"}
+    assert config_from_hf(hf).head_dim == 128
+    qwen2 = config_from_hf({**_config("qwen2"), "sliding_window": 4, "use_sliding_window": False})
+    assert qwen2.sliding_window is None and (qwen2.attention_bias, qwen2.o_proj_bias) == (True, False)
+
+
+@pytest.mark.parametrize("config, field", [
+    (LlamaConfig(qk_norm=True), "qk_norm"),
+    (LlamaConfig(sliding_window=8), "sliding_window"),
+    (LlamaConfig(attention_bias=True, attention_output_bias=False), "attention_output_bias"),
+    (MistralConfig(attention_bias=True), "attention_bias"),
+    (Qwen2Config(attention_output_bias=True), "attention_output_bias"),
+    (Qwen3Config(mlp_bias=True), "mlp_bias"),
+    (DecoderConfig(), "DecoderConfig names no Hugging Face architecture"),
+])
+def test_configs_an_architecture_cannot_express_are_not_written(config, field):
+    with pytest.raises(ValueError, match=field):
+        config_to_hf(config)
+
+
+def write_ours(folder: str):
+    """Writes every zoo model and adapter back with lora_jax, for ``make_zoo_fixtures.py --check`` (by hand)."""
+    for arch in ARCHS:
+        module, params = from_pretrained(os.path.join(ZOO, arch), show_progress=False)
+        adapter = load_peft(os.path.join(ZOO, "adapters", arch))
+        save_pretrained(os.path.join(folder, arch), module, params)
+        save_peft(os.path.join(folder, "adapters", arch), params, adapter.lora_params, adapter.config,
+                  task_type="CAUSAL_LM")
+
+
+if __name__ == "__main__":   # python -m tests.test_hf_zoo DIR
+    import sys
+
+    write_ours(sys.argv[1])
