@@ -500,6 +500,13 @@ class DecoderForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, "lm_head", cfg)
 
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
+        """An empty cache for this model (:func:`init_cache` of its config): what ``generate`` asks every model for.
+
+        A plain method: it reads only the config, so it needs no params or ``apply``.
+        """
+        return init_cache(self.config, batch, max_length, dtype)
+
     def logits(self, hidden):
         """The output projection of final hidden states ``[..., hidden]``."""
         return self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)

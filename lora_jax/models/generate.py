@@ -2,7 +2,7 @@
 
 Works with any linen causal LM that follows the cache protocol of
 :class:`lora_jax.models.decoder.DecoderForCausalLM` (Llama, Mistral, Qwen2, Qwen3):
-``module.config`` is a :class:`~lora_jax.models.decoder.DecoderConfig` and
+``module.init_cache(batch, max_length)`` returns an empty cache and
 ``module.apply(variables, ids, cache=cache)`` returns ``(logits, cache)``.
 The model knows nothing of LoRA: to decode with adapters unmerged, pass a
 forward function that applies them (``apply=``); merged params need none.
@@ -15,8 +15,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-
-from lora_jax.models.decoder import init_cache
 
 # The keywords of 0.1 that bound the adapters inside ``generate``; the model package imports no front end,
 # so they cannot keep working and fail with the spelling that replaces them.
@@ -49,7 +47,7 @@ def _generate(module, apply, params, input_ids, rng, temperature, stop, *, max_n
 
     batch = input_ids.shape[0]
     keys = jax.random.split(rng, max_new_tokens)
-    logits, cache = call(input_ids, init_cache(module.config, batch, max_length))
+    logits, cache = call(input_ids, module.init_cache(batch, max_length))
     first = _pick(logits[:, -1], keys[0], temperature, top_k)
     done = first == stop
 
