@@ -91,8 +91,9 @@ def test_import_lora_jax_loads_no_jax():
 def test_the_parsers_choices_are_the_librarys():
     # cli_args keeps copies (the library's modules import JAX); they must not drift.
     from lora_jax import backend, sharding
-    from lora_jax.models.hf import DTYPES
+    from lora_jax.models.hf import ARCHITECTURES, DTYPES
 
     assert cli_args.BACKENDS == backend.BACKENDS
     assert cli_args.DTYPE_NAMES == tuple(sorted(DTYPES))
     assert cli_args.STRATEGIES == sharding.STRATEGIES
+    assert cli_args.MODEL_TYPES == tuple(ARCHITECTURES)

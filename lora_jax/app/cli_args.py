@@ -23,13 +23,17 @@ PROG = "lora-jax"
 BACKENDS = ("auto", "cpu", "gpu", "tpu")
 #: ``merge --dtype`` choices: the names of :data:`lora_jax.models.hf.DTYPES` (a test checks they agree).
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+#: The ``model_type`` values of the folders ``--model`` takes: :data:`lora_jax.models.hf.ARCHITECTURES`
+#: (a test checks they agree).
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_MODEL_DIR = f"Hugging Face model folder (config.json model_type {', '.join(MODEL_TYPES)})"
 #: ``train --sharding`` choices: :data:`lora_jax.sharding.STRATEGIES` (a test checks they agree).
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 #: ``train --eval-data`` scores at most this many windows.
 MAX_EVAL_WINDOWS = 16
 
-__all__ = ["BACKENDS", "COMMANDS", "CliError", "Command", "DTYPE_NAMES", "MAX_EVAL_WINDOWS", "PROG", "STRATEGIES",
-           "build_parser"]
+__all__ = ["BACKENDS", "COMMANDS", "CliError", "Command", "DTYPE_NAMES", "MAX_EVAL_WINDOWS", "MODEL_TYPES", "PROG",
+           "STRATEGIES", "build_parser"]
 
 
 class CliError(Exception):
@@ -96,7 +100,7 @@ def _targets(text: str) -> list[str]:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder (the frozen base)")
+    p.add_argument("--model", required=True, metavar="DIR", help=f"{_MODEL_DIR}: the frozen base")
     p.add_argument("--data", required=True, metavar="FILE",
                    help='training text: a plain text file, or .jsonl with a "text" field per line')
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR",
@@ -140,7 +144,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder (the base)")
+    p.add_argument("--model", required=True, metavar="DIR", help=f"{_MODEL_DIR}: the base")
     p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT LoRA adapter folder")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
@@ -149,7 +153,7 @@ def _add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama folder")
+    p.add_argument("--model", required=True, metavar="DIR", help=_MODEL_DIR)
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="PEFT LoRA adapter to apply (unmerged)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to add (default 64)")
@@ -216,8 +220,9 @@ class Command:
 COMMANDS = {
     "train": Command(
         "train a LoRA adapter on a text file",
-        "Train a LoRA adapter of a Hugging Face Llama model on plain text or JSONL, with AdamW. Each step takes\n"
-        "random windows of --seq-len tokens (fixed by --seed and the step number, so --resume is exact).\n"
+        "Train a LoRA adapter of a Hugging Face model (Llama, Mistral, Qwen2, Qwen3) on plain text or JSONL,\n"
+        "with AdamW. Each step takes random windows of --seq-len tokens (fixed by --seed and the step number,\n"
+        "so --resume is exact).\n"
         "Writes ADAPTER_DIR/adapter_config.json + adapter_model.safetensors (PEFT format) and orbax\n"
         "checkpoints in ADAPTER_DIR/checkpoints/. The tokenizer is DIR/tokenizer.json, or UTF-8 bytes\n"
         'when config.json says "lora_jax_tokenizer": "bytes". With --mesh it trains sharded over several\n'
@@ -291,7 +296,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lora-jax`` parser: one subcommand per entry of ``COMMANDS``."""
-    parser = argparse.ArgumentParser(prog=PROG, description="LoRA adapters for Hugging Face Llama models, in JAX.",
+    parser = argparse.ArgumentParser(prog=PROG, description="LoRA adapters for Hugging Face language models "
+                                                            "(Llama, Mistral, Qwen2, Qwen3), in JAX.",
                                      epilog="Run 'lora-jax COMMAND --help' for a command's options and examples.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

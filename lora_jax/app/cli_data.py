@@ -65,7 +65,7 @@ def folder_bytes(folder: str, suffix: str = ".safetensors") -> int:
 
 
 def load_model(model_dir: str, *, show_progress: bool = False):
-    """``(module, params, config.json dict)`` of a Llama folder, with errors that name the folder."""
+    """``(module, params, config.json dict)`` of a Hugging Face model folder, with errors that name the folder."""
     existing_dir(model_dir, "--model")
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):

@@ -85,7 +85,9 @@ def _read(hf: Mapping, where: str) -> dict:
 
 
 def _write(config: DecoderConfig) -> dict:
-    return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.num_hidden_layers,
+    # max_window_layers only matters with use_sliding_window, so it is not written: a merged model keeps the
+    # base folder's value (lora-jax merge carries over the keys save_pretrained does not write).
+    return {"use_sliding_window": False, "sliding_window": None,
             "layer_types": ["full_attention"] * config.num_hidden_layers}
 
 
