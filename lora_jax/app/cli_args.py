@@ -259,7 +259,8 @@ COMMANDS = {
     "demo": Command(
         "run the built-in end-to-end demo",
         demo_options.DEMO_DESCRIPTION,
-        "  lora-jax demo\n  lora-jax demo --steps 50 --out /tmp/demo",
+        "  lora-jax demo\n  lora-jax demo --steps 50 --out /tmp/demo\n"
+        "  lora-jax demo --study          # + learning rates, ranks, targets, 3 seeds (about 15 min on 2 cores)",
         demo_options.add_arguments, "run_demo"),
     "sweep": Command(
         "train the demo task at several ranks and compare",

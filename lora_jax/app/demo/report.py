@@ -1,4 +1,8 @@
-"""The demo's report: ``report.md``, ``loss_curves.png``, ``results.json`` and a one-screen summary."""
+"""The demo's report: ``report.md``, ``loss_curves.png``, ``frontier.png``, ``results.json`` and a one-screen summary.
+
+With ``--study`` also ``study.png``. The words of the verdicts come from
+:mod:`~lora_jax.app.demo.findings`, built from the measured numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from lora_jax.app.demo import findings
 
 
 def _mb(n) -> str:
@@ -58,13 +64,18 @@ def _table(rows, header) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, result: dict) -> Path:
-    """Held-out loss curves of both methods on both held-out sets, as a PNG."""
+def _pyplot():
     import matplotlib   # deferred: optional (the app extra) and slow to import, only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(out: Path, result: dict) -> Path:
+    """Held-out loss curves of both methods on both held-out sets, as a PNG."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     titles = ("new dialect (held-out): learning", "base language (held-out): forgetting")
     for column, (ax, title) in enumerate(zip(axes, titles), start=1):
@@ -82,7 +93,83 @@ def plot(out: Path, result: dict) -> Path:
     return path
 
 
+def _trajectory_lines(ax, trajectories, methods, colors, *, annotate: bool) -> None:
+    """One line per (method, learning rate): the mean over seeds of (learned, forgot) at each evaluation."""
+    for method in methods:
+        runs = [t for t in trajectories if t.method == method]
+        lrs = list(dict.fromkeys(t.lr for t in runs))
+        for lr, style in zip(lrs, (":", "-", "--") if len(lrs) == 3 else ("-",) * len(lrs)):
+            same = [t for t in runs if t.lr == lr]
+            n = min(len(t.target) for t in same)
+            x, y = (np.mean([getattr(t, k)[:n] for t in same], axis=0) for k in ("learned", "forgot"))
+            label = method if len(lrs) == 1 else f"{method}, lr {lr:.2g}"
+            ax.plot(x, y, style, marker="o", markersize=3, color=colors[method], label=label)
+            for step, xi, yi in zip(same[0].steps[:n], x, y) if annotate else ():
+                ax.annotate(str(step), (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+
+
+def _zoom(ax) -> None:
+    """Limits the view to learning above -10% of the most learned, so that a run whose target loss rose a lot
+    (a too high rate) does not squeeze the others into a corner; it leaves the view at the left edge."""
+    points = np.concatenate([line.get_xydata() for line in ax.get_lines()])
+    left = -0.1 * max(points[:, 0].max(), 1e-6)
+    shown = points[points[:, 0] >= left]
+    ax.set_xlim(left, 1.05 * points[:, 0].max())
+    ax.set_ylim(min(0.0, shown[:, 1].min()) - 0.02, 1.08 * shown[:, 1].max() + 0.02)
+
+
+def plot_trajectories(path: Path, trajectories, panels, *, names=("target", "source"), level=None,
+                      annotate: bool = False) -> Path:
+    """Learning (x) against forgetting (y), one panel per ``(title, methods)`` of ``panels``; returns the path.
+
+    ``level``: a matched target loss, drawn as a vertical line at the learning it means.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), constrained_layout=True, squeeze=False)
+    methods = list(dict.fromkeys(t.method for t in trajectories))
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    start = max(t.target[0] for t in trajectories)
+    for ax, (title, shown) in zip(axes[0], panels):
+        _trajectory_lines(ax, trajectories, shown, colors, annotate=annotate)
+        _zoom(ax)
+        if level is not None:
+            ax.axvline(start - level, color="grey", linestyle="--", linewidth=1, label=f"equal learning ({level:.3f})")
+        ax.set_title(title)
+        ax.set_xlabel(f"learned: fall of the held-out {names[0]} loss (nats/byte)")
+        ax.set_ylabel(f"forgot: rise of the held-out {names[1]} loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _plots(out: Path, result: dict) -> dict:
+    """Draws every figure; returns ``{name: file name}``."""
+    names = findings.names(result)
+    trajectories = findings.demo_trajectories(result)
+    comparison = findings.demo_comparison(result)
+    files = {"curves": plot(out, result).name,
+             "frontier": plot_trajectories(out / "frontier.png", trajectories,
+                                           [("default run: one seed, one rate each", [t.method for t in trajectories])],
+                                           names=names, level=comparison.level, annotate=True).name}
+    study = result.get("study")
+    if study is not None:
+        every = [a for a in study.arms if a.rank is not None and len(a.targets) > 1]
+        attention = [a for a in study.arms if a.rank is not None and len(a.targets) == 1]
+        same = [a.method for a in every if a.rank in {x.rank for x in attention}]
+        panels = [("full fine-tuning and LoRA by rank (mean over seeds)", [findings.FULL, *(a.method for a in every)]),
+                  ("LoRA on attention only vs every projection",
+                   [findings.FULL, *same, *(a.method for a in attention)])]
+        files["study"] = plot_trajectories(out / "study.png", study.trajectories, panels, names=names).name
+    return files
+
+
 def _jsonable(value):
+    if hasattr(value, "to_dict"):
+        return _jsonable(value.to_dict())
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     if dataclasses.is_dataclass(value):
         return {**dataclasses.asdict(value), "step_s": value.step_s}
     if isinstance(value, dict):
@@ -94,8 +181,11 @@ def _jsonable(value):
     return value
 
 
-def markdown(result: dict, plot_name: str) -> str:
-    """The report's text: the table of claims and numbers, the checks, the samples."""
+def markdown(result: dict, plot_name: str, plots: dict | None = None) -> str:
+    """The report's text: the table of claims and numbers, forgetting at equal learning, the checks, the samples.
+
+    ``plots``: the figures' file names (:func:`_plots`); without it the new sections are left out.
+    """
     checks, args = result["checks"], result["args"]
     rel = checks["merged_vs_unmerged_max_abs"] / max(checks["max_abs_logit"], 1e-30)
     parts = [
@@ -110,6 +200,7 @@ def markdown(result: dict, plot_name: str) -> str:
         f"The shipped base checkpoint is {_mb(result['sizes']['base'])} (bfloat16); the adapter file holds "
         f"{100 * result['sizes']['adapter'] / result['sizes']['base']:.1f}% of that.",
         f"![held-out loss curves]({plot_name})",
+        *_sections(result, plots),
         "## Checks",
         f"- merged == unmerged: max |logit difference| {checks['merged_vs_unmerged_max_abs']:.3g} "
         f"(relative to the largest logit: {rel:.2g})",
@@ -126,6 +217,15 @@ def markdown(result: dict, plot_name: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _sections(result: dict, plots: dict | None) -> list[str]:
+    if plots is None:
+        return []
+    sections = [findings.demo_section(result, plots["frontier"])]
+    if "study" in plots:
+        sections.append(findings.study_section(result["study"], plots["study"], *findings.names(result)))
+    return sections + [findings.claims_section(result)]
+
+
 def print_summary(result: dict) -> None:
     """The one-screen table (rich) of the measured claims."""
     from rich.console import Console   # deferred: only when the table is shown
@@ -140,11 +240,13 @@ def print_summary(result: dict) -> None:
 
 
 def write_report(out: Path, result: dict) -> Path:
-    """Writes ``report.md``, ``loss_curves.png`` and ``results.json`` into ``out``; returns the report's path."""
+    """Writes ``report.md``, the figures and ``results.json`` into ``out``; returns the report's path."""
     out = Path(out)
-    png = plot(out, result)
+    plots = _plots(out, result)
+    result = {**result, "verdicts": findings.verdicts(result)}
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=2, default=str))
     path = out / "report.md"
-    path.write_text(markdown(result, png.name))
+    path.write_text(markdown(result, plots["curves"], plots))
     print_summary(result)
+    print(f"\n{result['verdicts']['demo']['sentence']}")
     return path

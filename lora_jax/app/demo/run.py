@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import lora_jax as L
-from lora_jax.app.demo import data, pretrain
+from lora_jax.app.demo import data, grid, pretrain
 from lora_jax.app.demo.options import DEMO_DESCRIPTION, add_arguments
 from lora_jax.app.demo.report import write_report
 from lora_jax.io import save_peft
@@ -52,6 +52,10 @@ _T0 = [time.perf_counter()]
 
 def _say(msg: str) -> None:
     print(f"{msg}  [{time.perf_counter() - _T0[0]:.0f} s]" if msg.startswith("[") else msg, flush=True)
+
+
+def _stage(args, k: int, what: str) -> None:
+    _say(f"[{k}/{7 if args.study else 6}] {what}")
 
 
 def _loss_eval(logits_fn: Callable) -> Callable:
@@ -177,13 +181,22 @@ def _save(out: Path, base_dir, base, lora, cfg, params) -> dict:
 
 def _base_model(args, out: Path, prose, dialect, show):
     if not args.pretrain:
-        _say(f"[2/6] the shipped base model ({pretrain.BASE_DIR}; --pretrain rebuilds it)")
+        _stage(args, 2, f"the shipped base model ({pretrain.BASE_DIR}; --pretrain rebuilds it)")
         return pretrain.BASE_DIR
-    _say(f"[2/6] pretraining the base model on prose ({args.pretrain_steps} steps)")
+    _stage(args, 2, f"pretraining the base model on prose ({args.pretrain_steps} steps)")
     base_dir = str(out / "base_model")
     pretrain.pretrain(base_dir, steps=args.pretrain_steps, seed=args.seed, prose=prose, code=dialect,
                       show_progress=show)
     return base_dir
+
+
+def _study(args, model, base, dialect, windows, plain_eval, before, show):
+    """The ``--study`` grid (:mod:`~lora_jax.app.demo.grid`), or None without ``--study``."""
+    if not args.study:
+        return None
+    _stage(args, 6, "the study: learning rates, ranks, targets and seeds")
+    evaluate = lambda params: (plain_eval(params, windows["dialect"]), plain_eval(params, windows["base"]))
+    return grid.run_study(args, model, base, dialect, evaluate, before, show=show, say=_say)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -193,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     show = not args.no_progress
     started = _T0[0] = time.perf_counter()
 
-    _say("[1/6] corpora from this Python's standard library")
+    _stage(args, 1, "corpora from this Python's standard library")
     prose, dialect = _corpora(args)
     _say(f"      base language  {prose.summary()}\n      new dialect    {dialect.summary()}")
     windows = {name: data.eval_windows(corpus.heldout, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -205,23 +218,26 @@ def main(args: argparse.Namespace) -> int:
     evaluate_full = lambda state: (plain_eval(state[0], windows["dialect"]), plain_eval(state[0], windows["base"]))
     before = evaluate_full((base,))
 
-    _say(f"[3/6] full fine-tuning, {args.steps} steps")
+    _stage(args, 3, f"full fine-tuning, {args.steps} steps")
     full, params = _full_finetune(args, model, base, dialect, evaluate_full, show)
-    _say(f"[4/6] LoRA rank {args.rank} on attention and MLP, {args.steps} steps")
+    _stage(args, 4, f"LoRA rank {args.rank} on attention and MLP, {args.steps} steps")
     run_lora, lora, cfg, apply = _lora_finetune(args, model, base, dialect, windows, show)
 
-    _say("[5/6] checks and samples")
+    _stage(args, 5, "checks and samples")
     checks = _checks(model, base, base_copy, lora, cfg, apply, jnp.asarray(windows["dialect"][0]))
     sizes = _save(out, base_dir, base, lora, cfg, params)
     sample = dict(seed=args.seed, tokens=args.sample_tokens)
     samples = {"base model": _samples(model, base, **sample), "LoRA": _samples(model, base, lora, cfg, **sample),
                "full fine-tune": _samples(model, params, **sample)}
 
-    _say("[6/6] report")
+    study = _study(args, model, base, dialect, windows, plain_eval, before, show)
+    _stage(args, 7 if study else 6, "report")
     result = dict(args=vars(args), corpora={"base": prose.summary(), "dialect": dialect.summary()},
                   before={"dialect": before[0], "base": before[1]}, runs=[full, run_lora],
                   total_params=L.count_params(base), checks=checks, sizes=sizes, samples=samples,
                   wall_s=time.perf_counter() - started, backend=L.backend.describe())
+    if study is not None:
+        result["study"] = study
     _say(f"\nreport: {write_report(out, result)}")
     return 0
 
