@@ -16,7 +16,7 @@ from pathlib import Path
 # name -> module under bench/; each has NAME, TITLE and run(mode) -> dict.
 BENCHMARKS = {"train_step": "bench.train_step", "nnx_step": "bench.nnx_step", "peers": "bench.peers",
               "multi_adapter": "bench.multi_adapter", "dora": "bench.dora", "qlora": "bench.qlora",
-              "architecture": "bench.architecture"}
+              "architecture": "bench.architecture", "generation": "bench.generation"}
 
 
 def main(argv=None) -> int:

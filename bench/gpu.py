@@ -17,7 +17,12 @@ then the numeric tests on the GPU), or ``python -m bench.gpu``. In one run:
 * the profile of the default LoRA step (top XLA ops by device time);
 * PyTorch/PEFT rows on the same device (``bench/torch_gpu.py``: the
   machine's torch, transformers and peft, in a subprocess), before any JAX
-  memory is taken.
+  memory is taken;
+* batched generation with the KV cache (``bench/generation.py``): 8
+  left-padded prompts of mixed lengths, 128 new tokens, greedy, bfloat16, on
+  the model's shape with its first 8 layers (to bound the compile time),
+  lora_jax's ``generate`` against transformers' on the same device
+  (``--skip-generation`` leaves it out; ``--tiny``: the toy model, 8 tokens).
 
 MFU is model FLOPs per step over the measured time, divided by the card's
 dense bfloat16 peak (looked up from ``device_kind``; ``--peak-tflops``
@@ -51,7 +56,7 @@ import jax.numpy as jnp
 import optax
 
 import lora_jax
-from bench import common
+from bench import common, generation
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, attention_implementation, causal_lm_loss
 
 NAME = "gpu"
@@ -63,6 +68,7 @@ BATCH, SEQ, LONG_SEQ = 8, 1024, 8192
 TINY_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
 TINY_BATCH, TINY_SEQ, TINY_LONG_SEQ = 2, 32, 128
+GENERATION_LAYERS, GENERATION_NEW_TOKENS, TINY_GENERATION_NEW_TOKENS = 8, 128, 8
 RANK, ALPHA, TARGETS = 8, 16, ("attention", "mlp")
 PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEARNING_RATE = 1e-4
@@ -299,6 +305,18 @@ def _torch_rows(model_kw, batch, seq, long_seq, settings, python: str | None, ti
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _generation(tiny: bool, settings: dict, python: str | None, skip_torch: bool, seed: int,
+                timeout_s: float) -> dict:
+    """Batched generation, lora_jax against transformers (``bench.generation.measure``), bfloat16."""
+    model_kw = TINY_MODEL if tiny else dict(MODEL, num_hidden_layers=GENERATION_LAYERS)
+    try:
+        return generation.measure(model_kw, new_tokens=TINY_GENERATION_NEW_TOKENS if tiny else GENERATION_NEW_TOKENS,
+                                  dtype="bfloat16", warmup=1, repeats=min(settings["repeats"], 3), seed=seed,
+                                  torch_python=None if skip_torch else python or sys.executable, timeout_s=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - the train steps' results still count without this part
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _first_check(first: dict, tol: float) -> dict:
     """The first steps' losses against the full step's, and the LoRA steps' grad norms' spread.
 
@@ -320,7 +338,7 @@ def _first_check(first: dict, tol: float) -> dict:
 
 def run(*, tiny: bool = False, repeats: int = 10, warmup: int = 2, peak: float | None = None, seed: int = 0,
         torch_python: str | None = None, skip_torch: bool = False, probe_timeout_s: float = 240.0,
-        torch_timeout_s: float = 240.0, profile_steps: int = 3) -> dict:
+        torch_timeout_s: float = 240.0, profile_steps: int = 3, skip_generation: bool = False) -> dict:
     model_kw, batch, seq, long_seq = _sizes(tiny)
     settings = {"repeats": repeats, "warmup": warmup}
     device = jax.devices()[0]
@@ -362,6 +380,8 @@ def run(*, tiny: bool = False, repeats: int = 10, warmup: int = 2, peak: float |
         steps[label]["device_peak_bytes"] = m.get("peak_bytes_in_use")
         steps[label]["device_bytes_before_step"] = m.get("bytes_in_use_before")
     check = _first_check(first, agreement_tolerance(jnp.bfloat16))
+    gen = {"skipped": "--skip-generation"} if skip_generation else _generation(
+        tiny, settings, torch_python, skip_torch, seed, torch_timeout_s)
     result = {
         "title": TITLE, "mode": "tiny" if tiny else "gpu",
         "method": (f"{warmup} warm-up calls each, then {repeats} round-robin rounds of the train steps "
@@ -372,9 +392,15 @@ def run(*, tiny: bool = False, repeats: int = 10, warmup: int = 2, peak: float |
                    "lora_params": n_lora, "peak_bf16_tflops": peak, "model_flops_per_token": flops,
                    "attention_implementation": attention, "device_kind": device.device_kind},
         "steps": steps, "forwards": forwards, "first_step_check": check, "profile": profile, "torch": torch,
+        "generation": gen,
     }
     result["goals"] = goals(result)
     result["tables"], result["notes"] = _tables(result), _notes(result)
+    if "lora_jax" in gen:
+        result["tables"].append(generation.table(gen, " (bfloat16, KV cache, 8 mixed-length prompts)"))
+        result["notes"] += generation.notes(gen)
+    else:
+        result["notes"].append(f"Generation not measured: {gen.get('error') or gen.get('skipped')}")
     return result
 
 
@@ -544,6 +570,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-python", default=None, help="the Python with torch, transformers and peft "
                         "(default: this one)")
     parser.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch/PEFT rows")
+    parser.add_argument("--skip-generation", action="store_true", help="leave out batched generation")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record-tests", type=Path, default=None,
@@ -565,7 +592,7 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     result = run(tiny=args.tiny, repeats=args.repeats, warmup=args.warmup, peak=args.peak_tflops, seed=args.seed,
-                 torch_python=args.torch_python, skip_torch=args.skip_torch)
+                 torch_python=args.torch_python, skip_torch=args.skip_torch, skip_generation=args.skip_generation)
     name = NAME if not args.tiny else f"{NAME}_tiny"
     path = common.save(name, {**result, "wall_s": time.perf_counter() - start}, hdr, out)
     for table in result["tables"]:

@@ -194,8 +194,8 @@ def _edit_config(folder, **changes):
 
 def test_wrong_architecture_and_rope_are_refused(tmp_path):
     folder = _copy(tmp_path)
-    _edit_config(folder, model_type="gpt2")
-    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; only 'llama'"):
+    _edit_config(folder, model_type="gpt_neox")
+    with pytest.raises(ValueError, match=r"model_type 'gpt_neox' is not supported; only 'llama'"):
         from_pretrained(folder, show_progress=False)
     _edit_config(folder, model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4})
     with pytest.raises(ValueError, match=r"rope type 'yarn' is not supported"):

@@ -2,9 +2,11 @@
 
 PyTorch names a module ``model.layers.0.self_attn.q_proj``; Flax linen names
 the same module ``model/layers_0/self_attn/q_proj`` (a list attribute's entries
-become ``<name>_<i>``). A model whose decoder layers are one ``nn.scan`` holds
-them stacked under ``model/layers`` with a leading layer axis; ``stack_layers``
-and ``unstack_layers`` convert trees (params or adapters) between the two.
+become ``<name>_<i>``), except for names PyTorch itself spells with an
+underscore and a number (:data:`LITERAL_NAMES`, GPT-2's ``ln_1``). A model
+whose decoder layers are one ``nn.scan`` holds them stacked under
+``model/layers`` with a leading layer axis; ``stack_layers`` and
+``unstack_layers`` convert trees (params or adapters) between the two.
 """
 
 from __future__ import annotations
@@ -18,6 +20,20 @@ import numpy as np
 from lora_jax.tree import get_path, set_path
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
+#: Module names that end in ``_<digits>`` in PyTorch itself, not list entries: GPT-2's block norms.
+LITERAL_NAMES = frozenset({"ln_1", "ln_2"})
+#: PyTorch names of transformers' ``Conv1D`` layers, whose weights are stored ``[in, out]`` (GPT-2's blocks,
+#: under ``transformer.`` or at the root of a bare ``GPT2Model``).
+CONV1D_MODULES = re.compile(r"(.*\.)?h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)")
+
+
+def is_conv1d(module: str) -> bool:
+    """Whether the PyTorch module ``module`` is a ``Conv1D`` layer (PEFT's ``fan_in_fan_out`` layout).
+
+    >>> is_conv1d("transformer.h.0.attn.c_attn"), is_conv1d("model.layers.0.self_attn.q_proj")
+    (True, False)
+    """
+    return CONV1D_MODULES.fullmatch(module) is not None
 
 
 def to_flax(name: str) -> str:
@@ -42,10 +58,12 @@ def to_torch(path: str) -> str:
 
     >>> to_torch("model/layers_3/self_attn/o_proj")
     'model.layers.3.self_attn.o_proj'
+    >>> to_torch("transformer/h_0/ln_1")
+    'transformer.h.0.ln_1'
     """
     out = []
     for segment in path.split("/"):
-        match = _INDEXED.match(segment)
+        match = None if segment in LITERAL_NAMES else _INDEXED.match(segment)
         out.extend(match.groups() if match else (segment,))
     return ".".join(out)
 

@@ -9,6 +9,14 @@ A PEFT LoRA folder holds ``adapter_config.json`` and
 one transpose per matrix. The scale ``alpha / r`` is never stored in the
 tensors. Module names map as ``model.layers.0.q_proj`` <->
 ``model/layers_0/q_proj`` (:mod:`lora_jax.io.names`).
+
+``fan_in_fan_out: true`` says the base stores the adapted weights ``[in, out]``
+(transformers' ``Conv1D``, GPT-2's blocks). ``lora_A``/``lora_B`` keep the
+same shapes; only PEFT's merged delta ``B @ A`` is transposed to the weight's
+layout, which our ``[in, out]`` kernels have anyway, so the tensors convert as
+for any Linear layer. ``save_peft`` writes the flag true when an adapted
+module is a ``Conv1D`` layer (:func:`lora_jax.io.names.is_conv1d`), and
+``load_peft`` refuses it for an adapter none of whose layers is one.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from lora_jax import deprecation
 from lora_jax.config import FLOAT32_MAX, Adapter, LoraConfig
 from lora_jax.io import tensors as st
 from lora_jax.io.fields import ConfigFieldError, check_regex, get_bool, get_int, get_number, read_json
-from lora_jax.io.names import stack_layers, to_flax, to_torch, unstack_layers
+from lora_jax.io.names import is_conv1d, stack_layers, to_flax, to_torch, unstack_layers
 from lora_jax.tree import adapter_nodes, check_dora, get_path, set_path, weight_name
 
 PREFIX = "base_model.model."
@@ -238,6 +246,7 @@ def _read_fields(cfg: Mapping, where: str) -> dict[str, Any]:
         "lora_alpha": get_number(cfg, "lora_alpha", where, 8.0, high=FLOAT32_MAX),
         "lora_dropout": get_number(cfg, "lora_dropout", where, 0.0, low_inclusive=True, high=1.0),
         "use_rslora": get_bool(cfg, "use_rslora", where), "use_dora": get_bool(cfg, "use_dora", where),
+        "fan_in_fan_out": get_bool(cfg, "fan_in_fan_out", where),
         "init_lora_weights": init,
         "rank_pattern": _pattern_field(cfg, "rank_pattern", where, lambda t, k, w: get_int(t, k, w)),
         "alpha_pattern": _pattern_field(cfg, "alpha_pattern", where,
@@ -294,6 +303,20 @@ def _check_targets(fields: Mapping, modules: Mapping[str, dict], where: str):
         raise TargetMismatchError(f"{where}: target_modules entries {unused} match no module with tensors in "
                                   f"{WEIGHTS_FILE} (its modules: {sorted(modules)[:8]}"
                                   f"{' ...' if len(modules) > 8 else ''})")
+
+
+def _check_layout(fields: Mapping, modules: Mapping[str, dict], where: str):
+    """Refuses ``fan_in_fan_out: true`` when no adapted layer is a ``Conv1D`` (the flag would describe another base).
+
+    PEFT corrects the flag per layer; a file mixing ``Conv1D`` layers with
+    others (GPT-2's blocks and its ``Linear`` head) is read as it would.
+    """
+    linear = sorted(m for m, entry in modules.items() if entry["kind"] == "linear")
+    if fields["fan_in_fan_out"] and linear and not any(is_conv1d(m) for m in linear):
+        raise UnsupportedAdapterError(
+            f"{where}: fan_in_fan_out is true (base weights stored [in, out], as transformers' Conv1D layers), but "
+            f"none of its modules is a Conv1D layer of a known architecture (GPT-2's h.<i>.attn.c_attn, "
+            f"attn.c_proj, mlp.c_fc, mlp.c_proj): {linear[:4]}{' ...' if len(linear) > 4 else ''}")
 
 
 def _pattern_table(values: dict[str, Any], default) -> tuple:
@@ -377,6 +400,7 @@ def load_peft(path: str | os.PathLike, *, adapter_name: str | None = None, dtype
     if not modules:
         raise ValueError(f"{folder}: {WEIGHTS_FILE} holds no LoRA tensors")
     _check_targets(fields, modules, config_path)
+    _check_layout(fields, modules, config_path)
     lora, ranks, alphas = _adapter_tree(modules, fields, folder, dtype)
     r, alpha, use_dora = fields["r"], fields["lora_alpha"], fields["use_dora"]
     try:
@@ -449,6 +473,8 @@ def save_peft(path: str | os.PathLike, base_params: Mapping | None = None, lora_
         stacked), or one :class:`~lora_jax.config.Adapter` value with ``config`` omitted.
       config: its :class:`LoraConfig`; each layer's alpha comes from
         ``config.alpha_for`` and its rank from the matrices.
+        ``fan_in_fan_out`` is written true when an adapted layer is a
+        transformers ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``).
       base_model_name_or_path, task_type: written to ``adapter_config.json``
         (``task_type="CAUSAL_LM"`` makes PEFT build a ``PeftModelForCausalLM``).
       target_modules: defaults to the full names of the adapted modules.
@@ -463,7 +489,7 @@ def save_peft(path: str | os.PathLike, base_params: Mapping | None = None, lora_
     lora, config = Adapter.unpack(lora_params, config, where="save_peft")
     if "layers" in (lora.get("model") or {}):
         lora, base_params = unstack_layers(lora), unstack_layers(base_params)
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas, conv1d = {}, {}, {}, False
     for path_tuple, node in adapter_nodes(lora).items():
         layer = "/".join(path_tuple)
         try:
@@ -485,6 +511,7 @@ def save_peft(path: str | os.PathLike, base_params: Mapping | None = None, lora_
             # PEFT keeps the absolute magnitude ||W + s*B@A|| per output row, shape [out], like ours.
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.asarray(node["m"])
         ranks[module], alphas[module] = a.shape[1], config.alpha_for(layer)
+        conv1d = conv1d or (weight != "embedding" and is_conv1d(module))
     if not tensors:
         raise ValueError("save_peft: the lora tree holds no adapters")
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
@@ -492,7 +519,7 @@ def save_peft(path: str | os.PathLike, base_params: Mapping | None = None, lora_
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": int(r), "lora_alpha": alpha,
         "lora_dropout": config.dropout, "target_modules": target_modules or sorted(ranks), "bias": "none",
-        "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "fan_in_fan_out": conv1d, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "use_rslora": config.use_rslora,
         "rank_pattern": {_pattern_key(m): int(v) for m, v in ranks.items() if v != r},
         "alpha_pattern": {_pattern_key(m): v for m, v in alphas.items() if v != alpha},

@@ -274,32 +274,39 @@ def _project(cfg: DecoderConfig, x, layers):
 def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=None) -> dict:
     """An empty key/value cache for incremental decoding of up to ``max_length`` positions.
 
-    ``{"k", "v"}``: ``[layers, batch, max_length, kv_heads, head_dim]``, and
-    ``"index"``: how many positions are filled (the position of the next token).
+    ``{"k", "v"}``: ``[layers, batch, max_length, kv_heads, head_dim]``;
+    ``"index"``: how many slots are filled (where the next token is written);
+    ``"mask"``: bool ``[batch, max_length]``, which filled slots hold a real
+    token (the ``attention_mask`` of every call so far: padding is never
+    attended to); ``"position"``: int32 ``[batch]``, each row's next rotary
+    position (its count of real tokens so far, as Hugging Face's
+    ``cumsum(attention_mask) - 1`` continued).
 
     >>> c = init_cache(DecoderConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2), 1, 16)
-    >>> c["k"].shape, int(c["index"])
-    ((2, 1, 16, 4, 8), 0)
+    >>> c["k"].shape, int(c["index"]), c["mask"].shape, c["position"].tolist()
+    ((2, 1, 16, 4, 8), 0, (1, 16), [0])
     """
     shape = (config.num_hidden_layers, batch, max_length, config.kv_heads, config.head_dim)
     zeros = jnp.zeros(shape, dtype or config.dtype)
-    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32), "mask": jnp.zeros((batch, max_length), bool),
+            "position": jnp.zeros((batch,), jnp.int32)}
 
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def attention_implementation(config: DecoderConfig, dtype, backend: str | None = None,
-                             compute_capability: str | None = None) -> str:
+                             compute_capability: str | None = None, padded: bool = False) -> str:
     """The attention implementation a model with ``config`` uses for inputs of ``dtype``: ``"xla"`` or ``"cudnn"``.
 
     ``"auto"`` chooses cuDNN's fused (flash) attention where it applies: on a
     GPU backend of compute capability 8.0 or newer (Ampere, Hopper, ...; read
     from the first device unless ``compute_capability`` is given), for
     bfloat16 or float16 inputs, and a ``head_dim`` that is a multiple of 8 and
-    at most 128; XLA's plain attention everywhere else. An
-    explicit ``"cudnn"`` that does not apply raises instead of falling back.
-    Decoding with a KV cache always uses XLA's (its mask is not causal-only).
+    at most 128, and no padding (``padded``: the call has an ``attention_mask``;
+    the fused causal kernel is not given one); XLA's plain attention everywhere
+    else. An explicit ``"cudnn"`` that does not apply raises instead of falling
+    back. Decoding with a KV cache always uses XLA's (its mask is not causal-only).
 
     >>> attention_implementation(DecoderConfig(), jnp.bfloat16, backend="cpu")
     'xla'
@@ -316,27 +323,66 @@ def attention_implementation(config: DecoderConfig, dtype, backend: str | None =
         (backend == "gpu" and major < 8, f"the GPU's compute capability is {compute_capability}, below 8.0"),
         (jnp.dtype(dtype) not in _CUDNN_DTYPES, f"the inputs are {jnp.dtype(dtype).name}, not bfloat16/float16"),
         (config.head_dim % 8 or config.head_dim > 128, f"head_dim is {config.head_dim}"),
+        (padded, "the inputs are padded (an attention_mask is given)"),
     ) if bad]
     if config.attention_implementation == "xla" or (config.attention_implementation == "auto" and problems):
         return "xla"
     if problems:
         raise ValueError(f"{type(config).__name__}.attention_implementation='cudnn' cannot be used here: "
                          + "; ".join(problems) + " (cuDNN's fused attention needs a GPU of compute capability 8.0 "
-                         "or newer, bfloat16/float16 and head_dim a multiple of 8 up to 128)")
+                         "or newer, bfloat16/float16, head_dim a multiple of 8 up to 128 and no attention_mask)")
     return "cudnn"
 
 
-def _attend_cached(q, k, v, layer_cache, index, window: int | None):
-    """Writes ``k``/``v`` at ``index`` into the layer's cache and attends over the filled part (and window)."""
-    k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, axis=1)
-    query_pos = (index + jnp.arange(q.shape[1]))[:, None]
-    key_pos = jnp.arange(k_all.shape[1])[None, :]
-    mask = key_pos <= query_pos                                                 # causal and filled
+def _attend_cached(q, k, v, layer_cache, index, mask):
+    """Attends over the layer's cache with ``k``/``v`` written at ``index``, under ``mask`` ``[b, 1, q, slots]``.
+
+    Returns the new keys and values only (cast to the cache's dtype): the decoder writes every
+    layer's into the stacked cache at once, so that a decoding step does not copy the whole cache.
+    """
+    k, v = k.astype(layer_cache["k"].dtype), v.astype(layer_cache["v"].dtype)
+    k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k, index, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v, index, axis=1)
+    out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+    return out, {"k": k, "v": v}
+
+
+def _real_tokens(input_ids, attention_mask):
+    """``attention_mask`` as bool ``[batch, seq]`` (1 = a real token), or None when every token is real."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask{list(attention_mask.shape)} must have input_ids' shape "
+                         f"{list(input_ids.shape)} (1 for a real token, 0 for padding)")
+    return attention_mask.astype(bool)
+
+
+def _positions_from(real, start):
+    """Hugging Face's positions for a padded batch: ``start + cumsum(mask) - 1`` per row, 0 at padding."""
+    return jnp.where(real, start[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+
+
+def _cached_step(cache, real, positions, window: int | None, seq: int):
+    """The cache's ``mask``/``position`` after ``seq`` tokens, their positions, and their attention mask.
+
+    A query at slot ``i`` sees the real keys at slots ``<= i`` (and, with a
+    ``window``, ``> i - window``: the window counts slots, as Hugging Face's
+    mask over its cache does, so a padded row's window may hold masked pads).
+    """
+    batch, slots = cache["mask"].shape
+    real = jnp.ones((batch, seq), bool) if real is None else real
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], real, cache["index"], axis=1)
+    if positions is None:
+        positions = _positions_from(real, cache["position"])
+    query = (cache["index"] + jnp.arange(seq))[:, None]
+    key = jnp.arange(slots)[None, :]
+    allowed = key <= query
     if window is not None:
-        mask = mask & (key_pos > query_pos - window)
-    out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[None, None])
-    return out, {"k": k_all, "v": v_all}
+        allowed = allowed & (key > query - window)
+    mask = allowed[None, None] & valid[:, None, None, :]
+    state = {"index": cache["index"] + seq, "mask": valid,
+             "position": cache["position"] + jnp.sum(real, axis=1, dtype=jnp.int32)}
+    return state, positions, mask
 
 
 def _heads(cfg: DecoderConfig, x, heads: int, norm_name: str | None):
@@ -351,7 +397,7 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache=None, index=None):
+    def __call__(self, x, positions, layer_cache=None, index=None, mask=None):
         cfg = self.config
         batch, seq, _ = x.shape
         q, k, v = _project(cfg, x, [_dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", cfg, cfg.attention_bias),
@@ -364,10 +410,12 @@ class Attention(nn.Module):
         if layer_cache is None:
             # HF's window of W positions is the query and the W - 1 before it: jax's (left, right) = (W - 1, 0).
             window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                               implementation=attention_implementation(cfg, q.dtype))
+            # ``mask`` (padding) is ANDed with the causal and window masks.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window,
+                                               implementation=attention_implementation(cfg, q.dtype,
+                                                                                       padded=mask is not None))
         else:
-            out, layer_cache = _attend_cached(q, k, v, layer_cache, index, cfg.sliding_window)
+            out, layer_cache = _attend_cached(q, k, v, layer_cache, index, mask)
         out = _dense(cfg.hidden_size, "o_proj", cfg, cfg.o_proj_bias)(out.reshape(batch, seq, -1))
         return out, layer_cache
 
@@ -391,12 +439,13 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache=None, index=None):
+    def __call__(self, x, positions, layer_cache=None, index=None, mask=None):
         cfg = self.config
         if cfg.activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, cfg.activation_sharding)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-        h, layer_cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), positions, layer_cache, index)
+        h, layer_cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), positions, layer_cache, index,
+                                                          mask)
         x = x + h
         return x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x)), layer_cache
 
@@ -404,8 +453,8 @@ class DecoderLayer(nn.Module):
 class _ScannedDecoderLayer(DecoderLayer):
     """The decoder layer with ``nn.scan``'s ``(carry, x) -> (carry, y)`` signature."""
 
-    def __call__(self, x, layer_cache, positions, index):
-        return super().__call__(x, positions, layer_cache, index)
+    def __call__(self, x, layer_cache, positions, index, mask):
+        return super().__call__(x, positions, layer_cache, index, mask)
 
 
 def _remat(layer_class, cfg: DecoderConfig):
@@ -430,31 +479,44 @@ class Decoder(nn.Module):
         if cfg.scan_layers:
             layer = _remat(_ScannedDecoderLayer, cfg)
             self.layers = nn.scan(layer, variable_axes={True: 0}, split_rngs={"params": True},
-                                  in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)(cfg)
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  length=cfg.num_hidden_layers)(cfg)
         else:
             layer = _remat(DecoderLayer, cfg)
             self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
 
-    def __call__(self, input_ids, positions=None, cache=None):
-        index = None if cache is None else cache["index"]
-        if positions is None:
-            start = 0 if index is None else index
-            positions = jnp.broadcast_to(start + jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        x = self.embed_tokens(input_ids)
+    def __call__(self, input_ids, positions=None, cache=None, attention_mask=None):
+        real = _real_tokens(input_ids, attention_mask)
+        index, mask, state = None, None, {}
+        if cache is not None:
+            index = cache["index"]
+            state, positions, mask = _cached_step(cache, real, positions, self.config.sliding_window,
+                                                  input_ids.shape[-1])
+        elif positions is None:
+            zeros = jnp.zeros(input_ids.shape[:1], jnp.int32)
+            positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape) if real is None
+                         else _positions_from(real, zeros))
+        if cache is None and real is not None:
+            mask = real[:, None, None, :]
+        x, layers_cache = self._layers(self.embed_tokens(input_ids), positions, cache, index, mask)
+        return self.norm(x), None if cache is None else {**layers_cache, **state}
+
+    def _layers(self, x, positions, cache, index, mask):
         layers_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         if self.config.scan_layers:
-            x, layers_cache = self.layers(x, layers_cache, positions, index)
+            x, new = self.layers(x, layers_cache, positions, index, mask)
         else:
             updated = []
             for i, layer in enumerate(self.layers):
-                x, layer_cache = layer(x, positions, jax.tree.map(lambda c: c[i], layers_cache), index)
-                updated.append(layer_cache)
-            if cache is not None:
-                layers_cache = jax.tree.map(lambda *c: jnp.stack(c), *updated)
-        if cache is not None:
-            cache = {**layers_cache, "index": index + input_ids.shape[-1]}
-        return self.norm(x), cache
+                x, layer_new = layer(x, positions, jax.tree.map(lambda c: c[i], layers_cache), index, mask)
+                updated.append(layer_new)
+            new = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *updated)
+        if cache is None:
+            return x, None
+        # Only this call's keys and values are written: [layers, batch, seq, kv_heads, head_dim] at ``index``.
+        return x, jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=2),
+                               layers_cache, new)
 
     def attend(self, x):
         return self.embed_tokens.attend(x)
@@ -466,6 +528,15 @@ class DecoderForCausalLM(nn.Module):
     With ``cache`` (from :func:`init_cache`) the call decodes incrementally:
     ``input_ids`` are the next tokens after the ``cache["index"]`` already
     seen, and the result is ``(logits, updated_cache)``.
+
+    ``attention_mask`` (int or bool ``[batch, seq]``, 1 for a real token and 0
+    for padding; Hugging Face's convention) pads a batch of prompts of
+    different lengths, on the left: padding is never attended to and
+    positions count real tokens only (``cumsum(attention_mask) - 1``, so a
+    row's first real token is at position 0). With a cache the mask and
+    each row's next position are kept in it, and later calls continue from
+    them; ``None`` means every token is real. Logits at padded positions are
+    meaningless.
 
     With ``labels`` (``[batch, seq]`` token ids, as Hugging Face's
     ``labels=``) the call returns the mean next-token cross-entropy instead:
@@ -490,6 +561,14 @@ class DecoderForCausalLM(nn.Module):
     >>> loss = model.apply(variables, ids, labels=ids)
     >>> bool(jnp.allclose(loss, causal_lm_loss(model.apply(variables, ids), ids), rtol=1e-6))
     True
+
+    A left-padded row gives its real tokens the logits it has alone:
+
+    >>> ids = jnp.array([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
+    >>> padded = model.apply(variables, ids, attention_mask=jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    >>> alone = model.apply(variables, ids[:1, 2:])
+    >>> bool(jnp.allclose(padded[0, 2:], alone[0], atol=1e-5))
+    True
     """
 
     config: DecoderConfig
@@ -511,10 +590,10 @@ class DecoderForCausalLM(nn.Module):
         """The output projection of final hidden states ``[..., hidden]``."""
         return self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
 
-    def __call__(self, input_ids, positions=None, cache=None, labels=None):
+    def __call__(self, input_ids, positions=None, cache=None, labels=None, attention_mask=None):
         if labels is not None and cache is not None:
             raise ValueError(f"{type(self).__name__}: pass labels (training loss) or cache (decoding), not both")
-        x, new_cache = self.model(input_ids, positions, cache)
+        x, new_cache = self.model(input_ids, positions, cache, attention_mask)
         if labels is not None:
             return self._chunked_loss(x, labels)
         logits = self.logits(x)

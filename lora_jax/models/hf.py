@@ -1,13 +1,15 @@
-"""Hugging Face model folders of the Llama family: ``from_pretrained`` and ``save_pretrained``.
+"""Hugging Face model folders: ``from_pretrained`` and ``save_pretrained``.
 
 ``config.json``'s ``model_type`` picks the architecture (:data:`ARCHITECTURES`:
-``llama``, ``mistral``, ``qwen2``, ``qwen3``); each maps onto the one decoder
-(:mod:`lora_jax.models.decoder`) through the record in its own file. A field
+``llama``, ``mistral``, ``qwen2``, ``qwen3`` on the one decoder of
+:mod:`lora_jax.models.decoder`, and ``gpt2`` with its own module,
+:mod:`lora_jax.models.gpt2`) through the record in its own file. A field
 that changes the computation is either honoured or refused with an error
 naming it. A folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Linear weights are stored by PyTorch as
 ``[out, in]`` and transposed to Flax's ``[in, out]`` kernels here, at the file
-boundary; embeddings and norm weights keep their layout. Every tensor of the
+boundary; GPT-2's ``Conv1D`` weights are already ``[in, out]``, and embeddings
+and norm weights keep their layout. Every tensor of the
 file must map to a parameter and every parameter must be found: anything else
 is an error naming the tensors.
 """
@@ -20,6 +22,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,16 +30,14 @@ import numpy as np
 from lora_jax.io import tensors as st
 from lora_jax.io.fields import ConfigFieldError, read_json
 from lora_jax.io.names import stack_layers, to_torch, unstack_layers
-from lora_jax.models import llama, mistral, qwen
+from lora_jax.models import gpt2, llama, mistral, qwen
 from lora_jax.models.architecture import HfArchitecture
-from lora_jax.models.decoder import ROPE_TYPES, DecoderConfig, DecoderForCausalLM, RopeScaling
+from lora_jax.models.decoder import ROPE_TYPES, DecoderConfig, RopeScaling
 
-# Tensors some checkpoints carry that are not parameters (recomputed from the config).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 #: The architectures ``from_pretrained`` reads and ``save_pretrained`` writes, by ``model_type``.
 ARCHITECTURES: dict[str, HfArchitecture] = {a.model_type: a for a in (llama.HF, mistral.HF, qwen.QWEN2_HF,
-                                                                       qwen.QWEN3_HF)}
+                                                                       qwen.QWEN3_HF, gpt2.HF)}
 
 
 def _rope_from_hf(hf: Mapping, where: str) -> tuple[Any, RopeScaling]:
@@ -82,7 +83,7 @@ def _check_common(hf: Mapping, where: str):
                                f"weights is not supported (only 0.0)")
 
 
-def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> DecoderConfig:
+def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides):
     """The config (a :class:`LlamaConfig`, ``MistralConfig``, ...) of a Hugging Face ``config.json`` dict.
 
     ``model_type`` picks the architecture; others are refused. Every field
@@ -101,9 +102,12 @@ def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> D
     lora_jax.io.fields.ConfigFieldError: config.json: LlamaConfig.vocab_size must be a positive int, got 0
     >>> type(config_from_hf({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4})).__name__
     'Qwen3Config'
+    >>> config_from_hf({"model_type": "gpt2", "n_embd": 64, "n_head": 4}).mlp_size
+    256
     """
     arch = _architecture(hf, where)
-    _check_common(hf, where)
+    if arch.family == "llama":
+        _check_common(hf, where)
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if name not in DTYPES and not {"dtype", "param_dtype"} <= set(overrides):
         raise ConfigFieldError(f"{where}: field 'dtype' {name!r} is not supported (supported: {sorted(DTYPES)}); "
@@ -114,7 +118,8 @@ def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> D
         kwargs.update(arch.fixed)
         if arch.read is not None:
             kwargs.update(arch.read(hf, where))
-        kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, where)
+        if arch.family == "llama":
+            kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, where)
         kwargs.update(dtype=DTYPES.get(name), param_dtype=DTYPES.get(name))
         kwargs.update(overrides)
         return arch.config_class(**kwargs)
@@ -124,7 +129,7 @@ def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides) -> D
         raise ConfigFieldError(f"{where}: {err}") from None
 
 
-def architecture_of(config: DecoderConfig) -> HfArchitecture:
+def architecture_of(config) -> HfArchitecture:
     """The Hugging Face architecture ``config``'s class stands for (a plain ``DecoderConfig`` is refused).
 
     >>> architecture_of(llama.LlamaConfig()).class_name
@@ -142,7 +147,7 @@ def _effective(config: DecoderConfig, fields) -> dict:
     return {f: config.o_proj_bias if f == "attention_output_bias" else getattr(config, f) for f in fields}
 
 
-def config_to_hf(config: DecoderConfig) -> dict:
+def config_to_hf(config) -> dict:
     """The ``config.json`` dict (transformers 5 layout) for ``config``.
 
     Refuses a config its architecture cannot express (a ``LlamaConfig`` with
@@ -154,17 +159,26 @@ def config_to_hf(config: DecoderConfig) -> dict:
         if have[field] != want[field]:
             raise ValueError(f"{type(config).__name__}.{field}={have[field]!r} cannot be written as a Hugging Face "
                              f"{arch.model_type!r} config (that architecture has {field}={want[field]!r})")
-    rope: dict[str, Any] = {"rope_type": config.rope_scaling.rope_type, "rope_theta": config.rope_theta}
-    if config.rope_scaling.rope_type != "default":
-        rope.update({k: v for k, v in vars(config.rope_scaling).items() if k != "rope_type"})
-    return {"architectures": [arch.class_name], "model_type": arch.model_type, "hidden_act": "silu",
-            **{k: getattr(config, k) for k in arch.fields}, **(arch.write(config) if arch.write else {}),
-            "rope_parameters": rope, "dtype": jnp.dtype(config.param_dtype).name}
+    hf = {"architectures": [arch.class_name], "model_type": arch.model_type,
+          **{k: getattr(config, k) for k in arch.fields}, **(arch.write(config) if arch.write else {}),
+          "dtype": jnp.dtype(config.param_dtype).name}
+    if arch.family == "llama":
+        rope: dict[str, Any] = {"rope_type": config.rope_scaling.rope_type, "rope_theta": config.rope_theta}
+        if config.rope_scaling.rope_type != "default":
+            rope.update({k: v for k, v in vars(config.rope_scaling).items() if k != "rope_type"})
+        hf.update(hidden_act="silu", rope_parameters=rope)
+    return hf
 
 
-def _expected(config: DecoderConfig) -> dict:
+def _unscanned(config):
+    """``config`` with the training-only layout options off (those its class has)."""
+    off = {"scan_layers": False, "remat": False, "activation_sharding": None}
+    return dataclasses.replace(config, **{k: v for k, v in off.items() if hasattr(config, k)})
+
+
+def _expected(config) -> dict:
     """Param shapes of the unscanned model, ``{path tuple: ShapeDtypeStruct}``."""
-    module = DecoderForCausalLM(dataclasses.replace(config, scan_layers=False, remat=False, activation_sharding=None))
+    module = architecture_of(config).module_class(_unscanned(config))
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     return {tuple(str(k.key) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
@@ -180,14 +194,24 @@ def tensor_name(path: tuple[str, ...]) -> str:
     return f"{to_torch('/'.join(path[:-1]))}.{leaf}"
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: DecoderConfig) -> dict:
-    """Flax params (unscanned layout, NumPy) from a PyTorch state dict; kernels are transposed."""
+def _with_base_prefix(tensors: Mapping[str, np.ndarray], arch: HfArchitecture) -> Mapping[str, np.ndarray]:
+    """The state dict with ``arch.base_prefix`` added when it was saved from the bare model (its embedding lacks it)."""
+    prefix = arch.base_prefix
+    if prefix is None or not arch.embedding.startswith(prefix) or arch.embedding[len(prefix):] not in tensors:
+        return tensors
+    return {n if n.startswith("lm_head.") else prefix + n: v for n, v in tensors.items()}
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config) -> dict:
+    """Flax params (unscanned layout, NumPy) from a PyTorch state dict; ``Linear`` kernels are transposed."""
+    arch = architecture_of(config)
+    tensors = _with_base_prefix(tensors, arch)
     expected = _expected(config)
     names = {tensor_name(path): path for path in expected}
     missing = sorted(set(names) - set(tensors))
-    unexpected = sorted(n for n in set(tensors) - set(names) if not n.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in set(tensors) - set(names) if not n.endswith(arch.ignored_suffixes))
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
-        if np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+        if np.array_equal(tensors["lm_head.weight"], tensors.get(arch.embedding)):
             unexpected.remove("lm_head.weight")   # a tied copy, written by some exporters
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing tensors {missing[:8]}"
@@ -195,10 +219,11 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: DecoderConfig) -> 
     params: dict = {}
     for name, path in names.items():
         value = tensors[name]
-        if path[-1] == "kernel":
+        transposed = arch.is_transposed(path)
+        if transposed:
             value = value.T
         if tuple(value.shape) != tuple(expected[path].shape):
-            want = expected[path].shape[::-1] if path[-1] == "kernel" else expected[path].shape
+            want = expected[path].shape[::-1] if transposed else expected[path].shape
             raise ValueError(f"tensor {name!r}: shape {list(tensors[name].shape)} does not match the config "
                              f"(expected {list(want)})")
         node = params
@@ -208,26 +233,27 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: DecoderConfig) -> 
     return params
 
 
-def params_to_hf(params: Mapping, config: DecoderConfig) -> dict[str, np.ndarray]:
-    """The PyTorch state dict for Flax ``params`` (either layout); kernels are transposed."""
-    if config.scan_layers:
+def params_to_hf(params: Mapping, config) -> dict[str, np.ndarray]:
+    """The PyTorch state dict for Flax ``params`` (either layout); ``Linear`` kernels are transposed."""
+    arch = architecture_of(config)
+    if getattr(config, "scan_layers", False):
         params = unstack_layers(params)
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = tuple(str(k.key) for k in path)
         value = np.asarray(leaf)
-        out[tensor_name(keys)] = value.T if keys[-1] == "kernel" else value
+        out[tensor_name(keys)] = value.T if arch.is_transposed(keys) else value
     return out
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, scan_layers: bool = False,
                     remat: bool = False, show_progress: bool = True,
-                    check_finite: bool = True) -> tuple[DecoderForCausalLM, dict]:
-    """Reads a Hugging Face folder of a Llama-family model; returns ``(module, params)``.
+                    check_finite: bool = True) -> tuple[Any, dict]:
+    """Reads a Hugging Face model folder; returns ``(module, params)``.
 
     The module is the architecture's class (``LlamaForCausalLM``,
-    ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, as
-    ``config.json``'s ``model_type`` says).
+    ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+    ``GPT2LMHeadModel``, as ``config.json``'s ``model_type`` says).
 
     Args:
       path: a folder with ``config.json`` and ``model.safetensors`` (or a
@@ -235,7 +261,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
       dtype, param_dtype: compute and storage dtypes (default: the
         checkpoint's ``dtype``, float32 if it names none).
       scan_layers, remat: build the scanned (and rematerialised) variant; the
-        params are stacked to match.
+        params are stacked to match. GPT-2 is not scanned (``scan_layers``
+        raises for it); ``remat`` applies to it.
       show_progress: a progress bar while reading tensors.
       check_finite: refuse weights holding NaN or Inf (one ``np.isfinite``
         pass per tensor, on the host). ``False`` is for experts inspecting a
@@ -266,6 +293,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
         raise FileNotFoundError(f"no config.json in {path!r}")
     hf = read_json(config_path)
     overrides: dict[str, Any] = {"scan_layers": scan_layers, "remat": remat}
+    arch = _architecture(hf, config_path)
+    for option in ("scan_layers", "remat"):
+        if option not in {f.name for f in dataclasses.fields(arch.config_class)}:
+            if overrides.pop(option):
+                raise ValueError(f"from_pretrained: {option}=True is not supported for {arch.model_type!r} models")
     if dtype is not None:
         overrides["dtype"] = dtype
     if param_dtype is not None:
@@ -278,14 +310,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype=None, param_dtype=None, sc
     return architecture_of(config).module_class(config), jax.tree.map(jnp.asarray, params)
 
 
-def save_pretrained(path: str | os.PathLike, config: DecoderConfig | DecoderForCausalLM, params: Mapping, *,
+def save_pretrained(path: str | os.PathLike, config, params: Mapping, *,
                     max_shard_bytes: int | None = None, extra_config: Mapping[str, Any] | None = None) -> list[str]:
     """Writes ``params`` as a Hugging Face folder that ``transformers`` loads (``LlamaForCausalLM``, ...).
 
     Args:
       path: the output folder (created).
       config: the model's config (:class:`LlamaConfig`, ``MistralConfig``, ``Qwen2Config``,
-        ``Qwen3Config``; its class picks the architecture) or the module.
+        ``Qwen3Config``, ``GPT2Config``; its class picks the architecture) or the module.
       params: its params (scanned or not, as ``config`` says).
       max_shard_bytes: split the weights into shards of at most this size,
         with a ``model.safetensors.index.json``.
@@ -295,7 +327,7 @@ def save_pretrained(path: str | os.PathLike, config: DecoderConfig | DecoderForC
     Returns:
       the file names written.
     """
-    if isinstance(config, DecoderForCausalLM):
+    if isinstance(config, nn.Module):
         config = config.config
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
