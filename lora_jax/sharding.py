@@ -40,7 +40,9 @@ Rule = tuple[str, P]
 _AxisType = getattr(jax.sharding, "AxisType", None)   # JAX >= 0.5; before it every axis is Auto
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 #: Megatron's split of a Llama block: column-parallel layers shard their output dim, row-parallel their input dim.
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+#: Phi-3's fused qkv_proj/gate_up_proj split their output dim like the others; a shard may then hold parts of
+#: both q and k (or gate and up), which XLA computes correctly, with more communication than a head-aligned split.
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
 ROW = ("o_proj", "down_proj")
 
 
@@ -56,7 +58,8 @@ def rules(strategy: str, *, data: str = "data", model: str = "model") -> tuple[R
       second-to-last dim (a Dense kernel's input dim, an embedding's
       vocabulary); XLA gathers each weight where it is used.
     * ``"tp"``: Megatron tensor parallelism over ``model`` for Llama's names:
-      ``q/k/v/gate/up_proj`` column-parallel (output dim), ``o/down_proj``
+      ``q/k/v/gate/up_proj`` (and Phi-3's fused ``qkv_proj``/``gate_up_proj``)
+      column-parallel (output dim), ``o/down_proj``
       row-parallel (input dim), ``lm_head`` over the vocabulary (output dim),
       ``embed_tokens`` vocabulary-parallel (first dim); other weights replicated.
     * ``"fsdp_tp"``: ``"tp"``, with the other dim of those weights sharded
@@ -64,7 +67,7 @@ def rules(strategy: str, *, data: str = "data", model: str = "model") -> tuple[R
 
     >>> pattern, spec = rules("tp")[0]
     >>> pattern, tuple(spec)
-    ('(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$', (None, 'model'))
+    ('(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv_proj|gate_up_proj)/kernel$', (None, 'model'))
     """
     f, m = (data if strategy == "fsdp_tp" else None), model    # f: the FSDP dim of a TP weight
     fsdp_all = ((r"(^|/)(kernel|embedding)$", P(data, None)),)

@@ -52,6 +52,8 @@ def root(tmp_path_factory):
 LAYER_MODULES = {
     "gpt2": ("transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_proj", "transformer.h.{i}.mlp.c_fc",
              "transformer.h.{i}.mlp.c_proj"),
+    "phi3": ("model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn.o_proj",
+             "model.layers.{i}.mlp.gate_up_proj", "model.layers.{i}.mlp.down_proj"),
 }
 DECODER_MODULES = tuple(f"model.layers.{{i}}.{part}" for part in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",

@@ -25,7 +25,7 @@ BACKENDS = ("auto", "cpu", "gpu", "tpu")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 #: The ``model_type`` values of the folders ``--model`` takes: :data:`lora_jax.models.hf.ARCHITECTURES`
 #: (a test checks they agree).
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2")
 _MODEL_DIR = f"Hugging Face model folder (config.json model_type {', '.join(MODEL_TYPES)})"
 #: ``train --sharding`` choices: :data:`lora_jax.sharding.STRATEGIES` (a test checks they agree).
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -220,9 +220,9 @@ class Command:
 COMMANDS = {
     "train": Command(
         "train a LoRA adapter on a text file",
-        "Train a LoRA adapter of a Hugging Face model (Llama, Mistral, Qwen2, Qwen3, GPT-2) on plain text or JSONL,\n"
-        "with AdamW. Each step takes random windows of --seq-len tokens (fixed by --seed and the step number,\n"
-        "so --resume is exact).\n"
+        "Train a LoRA adapter of a Hugging Face model (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2)\n"
+        "on plain text or JSONL, with AdamW. Each step takes random windows of --seq-len tokens (fixed by\n"
+        "--seed and the step number, so --resume is exact).\n"
         "Writes ADAPTER_DIR/adapter_config.json + adapter_model.safetensors (PEFT format) and orbax\n"
         "checkpoints in ADAPTER_DIR/checkpoints/. The tokenizer is DIR/tokenizer.json, or UTF-8 bytes\n"
         'when config.json says "lora_jax_tokenizer": "bytes". With --mesh it trains sharded over several\n'
@@ -297,8 +297,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lora-jax`` parser: one subcommand per entry of ``COMMANDS``."""
-    parser = argparse.ArgumentParser(prog=PROG, description="LoRA adapters for Hugging Face language models "
-                                                            "(Llama, Mistral, Qwen2, Qwen3, GPT-2), in JAX.",
+    parser = argparse.ArgumentParser(prog=PROG, description="LoRA adapters for Hugging Face language models (Llama, "
+                                                            "Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2), in JAX.",
                                      epilog="Run 'lora-jax COMMAND --help' for a command's options and examples.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""The one decoder behind every Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3), in flax.linen.
+"""The one decoder behind every Llama-family causal LM (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3), in flax.linen.
 
 Embeddings, RMSNorm, rotary position embeddings (Hugging Face's rotate-half
 layout), grouped-query attention, a SwiGLU MLP, and an untied or tied output
@@ -6,10 +6,12 @@ head. What differs between the architectures is a field of
 :class:`DecoderConfig`, not a copy of the code: which projections carry a
 bias (``attention_bias``, ``attention_output_bias``, ``mlp_bias``), an
 RMSNorm over each query and key head before the rotation (``qk_norm``,
-Qwen3), and a causal window of ``sliding_window`` positions (Mistral). The
-architecture files (``llama.py``, ``mistral.py``, ``qwen.py``) hold each
-architecture's defaults and its Hugging Face name map; this module knows no
-Hugging Face field name.
+Qwen3), a causal window of ``sliding_window`` positions on all or some
+layers (Mistral, Qwen, Gemma), Gemma's norms, GeGLU, embedding scale and
+soft-capping, Phi-3's fused projections and partial rotation. The
+architecture files (``llama.py``, ``mistral.py``, ``qwen.py``,
+``gemma.py``, ``phi3.py``) hold each architecture's defaults and its
+Hugging Face name map; this module knows no Hugging Face field name.
 
 Module paths mirror Hugging Face's ``*ForCausalLM``: ``model/embed_tokens``,
 ``model/layers_0/self_attn/q_proj``, ``model/layers_0/self_attn/q_norm``,
@@ -21,9 +23,7 @@ named ``model/layers`` whose params (and adapters) carry a leading layer axis.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -35,200 +35,38 @@ from lora_jax.kinds import DROPOUT_RNG
 from lora_jax.linen import fused_dense
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
-#: ``DecoderConfig.attention_implementation``: ``"auto"`` picks per backend and inputs
-#: (:func:`attention_implementation`).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-#: ``DecoderConfig.remat_policy``: what a rematerialised layer keeps from its forward pass
-#: (names of ``jax.checkpoint_policies``; "nothing_saveable" recomputes the whole layer).
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+from lora_jax.models.decoder_config import (ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_TYPES, REMAT_POLICIES,
+                                            ROPE_TYPES, DecoderConfig, RopeScaling)
 
-
-def _positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
-def _positive_number(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
-
-
-def _is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-_EXPECTED = {_positive_int: "a positive int", _positive_number: "a positive finite number", _is_bool: "a bool"}
-
-
-def _checked(owner: str, field: str, value, check):
-    """``value`` (ints as int, numbers as float) if ``check`` accepts it; else a ValueError naming the field."""
-    if not check(value):
-        raise ValueError(f"{owner}.{field} must be {_EXPECTED[check]}, got {value!r}")
-    if check is _positive_int:
-        return int(value)
-    return float(value) if check is _positive_number else bool(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Rotary frequency scaling, as Hugging Face's ``rope_scaling`` / ``rope_parameters``.
-
-    ``rope_type`` ``"linear"`` divides every frequency by ``factor``;
-    ``"llama3"`` divides only the low frequencies and interpolates between
-    (Llama 3.1's scheme, which needs the remaining fields).
-    """
-
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope scaling type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
-        for field in ("factor", "low_freq_factor", "high_freq_factor"):
-            object.__setattr__(self, field, _checked("rope_scaling", field, getattr(self, field), _positive_number))
-        _checked("rope_scaling", "original_max_position_embeddings", self.original_max_position_embeddings,
-                 _positive_int)
-        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be larger than "
-                             f"low_freq_factor ({self.low_freq_factor}) for llama3 rope scaling")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-    """Hyper-parameters of the decoder, named as in Hugging Face's ``LlamaConfig``.
-
-    The architectures differ only in these fields (their config classes,
-    :class:`~lora_jax.models.llama.LlamaConfig`,
-    :class:`~lora_jax.models.mistral.MistralConfig`,
-    :class:`~lora_jax.models.qwen.Qwen2Config` and
-    :class:`~lora_jax.models.qwen.Qwen3Config`, set their defaults):
-
-    * ``attention_bias``: a bias on ``q_proj``, ``k_proj``, ``v_proj`` and
-      ``o_proj``; ``attention_output_bias`` overrides it for ``o_proj``
-      (``None`` follows ``attention_bias``; Qwen2 has biases on q/k/v only).
-    * ``mlp_bias``: a bias on ``gate_proj``, ``up_proj`` and ``down_proj``.
-    * ``qk_norm``: an RMSNorm over each query and key head (``q_norm``,
-      ``k_norm``, weights ``[head_dim]``) before the rotation (Qwen3).
-    * ``sliding_window``: each position attends to itself and the
-      ``sliding_window - 1`` positions before it (Mistral); ``None`` means
-      the whole causal prefix.
-
-    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
-    ``num_key_value_heads`` to ``num_attention_heads`` (multi-head attention).
-    ``scan_layers`` and ``remat`` are ours: one ``nn.scan`` over the decoder
-    layers, and rematerialisation of each layer in the backward pass. So is
-    ``activation_sharding``: a ``jax.sharding.NamedSharding`` for the residual
-    stream ``[batch, seq, hidden]`` at each decoder layer's input (e.g.
-    ``NamedSharding(mesh, P("data"))``), so that sharded training keeps every
-    layer's activations split over the batch; XLA's propagation alone may
-    replicate the batch inside the layers (see ``lora_jax.sharding``).
-
-    Speed settings, also ours (none changes the model's function):
-
-    * ``attention_implementation``: ``"xla"`` (the plain softmax over the
-      ``[seq, seq]`` scores, any backend), ``"cudnn"`` (cuDNN's fused flash
-      attention: GPU, bfloat16/float16, ``head_dim`` a multiple of 8 up to
-      128), or ``"auto"`` (the default: cuDNN where those hold, else XLA);
-      see :func:`attention_implementation`.
-    * ``remat_policy``: with ``remat``, which values a layer keeps for its
-      backward pass (one of :data:`REMAT_POLICIES`; the default keeps none).
-    * ``fused_projections``: q/k/v, and gate/up, each computed as one matmul
-      on their shared input, their adapters' ``A`` as one too
-      (:func:`lora_jax.linen.fused_dense`); the parameters keep Hugging
-      Face's separate layout.
-    * ``loss_chunk_tokens``: the loss of ``model(ids, labels=ids)`` computes
-      the output projection and the float32 log-softmax this many tokens at a
-      time and recomputes them in the backward pass, so the ``[tokens, vocab]``
-      logits never exist at once (see :meth:`DecoderForCausalLM.__call__`).
-    """
-
-    vocab_size: int = 4096
-    hidden_size: int = 512
-    intermediate_size: int = 1376
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling = RopeScaling()
-    max_position_embeddings: int = 2048
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"
-    attention_implementation: str = "auto"
-    fused_projections: bool = False
-    loss_chunk_tokens: int = 2048
-    activation_sharding: Any = None
-    # Last, so that the fields above keep their positions from before the decoder was shared.
-    attention_output_bias: bool | None = None
-    qk_norm: bool = False
-    sliding_window: int | None = None
-
-    def __post_init__(self):
-        owner = type(self).__name__
-        for field, check in _FIELD_CHECKS.items():
-            if getattr(self, field) is not None or field not in _OPTIONAL_FIELDS:
-                object.__setattr__(self, field, _checked(owner, field, getattr(self, field), check))
-        if self.num_key_value_heads is None:
-            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"{owner}.hidden_size ({self.hidden_size}) must be a multiple of "
-                                 f"num_attention_heads ({self.num_attention_heads}) unless head_dim is given")
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{owner}.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        if not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"{owner}.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
-        for field, allowed in (("attention_implementation", ATTENTION_IMPLEMENTATIONS),
-                               ("remat_policy", REMAT_POLICIES)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{owner}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def o_proj_bias(self) -> bool:
-        """Whether ``o_proj`` has a bias: ``attention_output_bias``, else ``attention_bias``."""
-        return self.attention_bias if self.attention_output_bias is None else self.attention_output_bias
-
-
-# The type and range of each hyper-parameter (None is allowed for the optional ones).
-_FIELD_CHECKS = {
-    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings", "loss_chunk_tokens",
-                     "sliding_window"), _positive_int),
-    **dict.fromkeys(("rms_norm_eps", "rope_theta"), _positive_number),
-    **dict.fromkeys(("attention_bias", "attention_output_bias", "mlp_bias", "qk_norm", "tie_word_embeddings",
-                     "scan_layers", "remat", "fused_projections"), _is_bool),
-}
-_OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "attention_output_bias", "sliding_window")
+# The config's names are re-exported: they lived here before the config had its own module.
+__all__ = ["ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "IGNORE_INDEX", "LAYER_TYPES", "REMAT_POLICIES", "ROPE_TYPES",
+           "Attention", "Decoder", "DecoderConfig", "DecoderForCausalLM", "DecoderLayer", "MLP", "RMSNorm",
+           "RopeScaling", "attention_implementation", "causal_lm_loss", "init_cache", "inverse_frequencies",
+           "rotary"]
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x ** 2) + eps)`` over the last axis, computed in float32."""
+    """``weight * x / sqrt(mean(x ** 2) + eps)`` over the last axis, computed in float32.
+
+    With ``unit_offset`` the factor is ``1 + weight`` and the weight starts at 0 (Gemma's norm).
+    """
 
     eps: float = 1e-6
     param_dtype: Any = jnp.float32
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (jnp.expand_dims(weight.astype(jnp.float32), tuple(range(y.ndim - 1))) * y).astype(x.dtype)
+        gain = 1.0 + weight if self.unit_offset else weight
+        return (jnp.expand_dims(gain, tuple(range(y.ndim - 1))) * y).astype(x.dtype)
+
+
+def _norm(cfg: DecoderConfig, name: str | None = None) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, cfg.norm_unit_offset, name=name)
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
@@ -252,13 +90,18 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = Rope
 
 
 def rotary(x, positions, inv_freq):
-    """Rotary embedding in the rotate-half layout; ``x``: ``[batch, seq, heads, head_dim]``."""
-    half = x.shape[-1] // 2
+    """Rotary embedding in the rotate-half layout; ``x``: ``[batch, seq, heads, head_dim]``.
+
+    The first ``2 * len(inv_freq)`` dims of each head are turned (all of them
+    unless the rotation is partial); the rest pass unchanged.
+    """
+    half = len(inv_freq)
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]  # [batch, seq, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:2 * half].astype(jnp.float32)
+    turned = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return turned if 2 * half == x.shape[-1] else jnp.concatenate([turned, x[..., 2 * half:]], axis=-1)
 
 
 def _dense(features, name, cfg, bias=False):
@@ -324,27 +167,52 @@ def attention_implementation(config: DecoderConfig, dtype, backend: str | None =
         (jnp.dtype(dtype) not in _CUDNN_DTYPES, f"the inputs are {jnp.dtype(dtype).name}, not bfloat16/float16"),
         (config.head_dim % 8 or config.head_dim > 128, f"head_dim is {config.head_dim}"),
         (padded, "the inputs are padded (an attention_mask is given)"),
+        (config.attn_logit_softcapping is not None, "the attention scores are soft-capped"),
     ) if bad]
     if config.attention_implementation == "xla" or (config.attention_implementation == "auto" and problems):
         return "xla"
     if problems:
         raise ValueError(f"{type(config).__name__}.attention_implementation='cudnn' cannot be used here: "
                          + "; ".join(problems) + " (cuDNN's fused attention needs a GPU of compute capability 8.0 "
-                         "or newer, bfloat16/float16, head_dim a multiple of 8 up to 128 and no attention_mask)")
+                         "or newer, bfloat16/float16, head_dim a multiple of 8 up to 128, no attention_mask and no "
+                         "soft-capping)")
     return "cudnn"
 
 
-def _attend_cached(q, k, v, layer_cache, index, mask):
-    """Attends over the layer's cache with ``k``/``v`` written at ``index``, under ``mask`` ``[b, 1, q, slots]``.
+def _window_mask(query, key, window: int | None):
+    """Causal visibility of ``key`` slots from ``query`` slots, within ``window`` (HF: ``key > query - window``)."""
+    allowed = key <= query
+    return allowed if window is None else allowed & (key > query - window)
 
-    Returns the new keys and values only (cast to the cache's dtype): the decoder writes every
-    layer's into the stacked cache at once, so that a decoding step does not copy the whole cache.
+
+def _attend(cfg: DecoderConfig, q, k, v, mask):
+    """Attention of ``q`` over ``k``/``v`` under ``mask`` (``[batch or 1, 1, q, k]``), scores soft-capped if set.
+
+    Without a cap this is ``jax.nn.dot_product_attention``. With
+    ``attn_logit_softcapping`` the scores are computed here, in float32, in
+    transformers' order: scale, ``cap * tanh(s / cap)``, mask, softmax.
+    """
+    if cfg.attn_logit_softcapping is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.attention_scale)
+    cap = cfg.attn_logit_softcapping
+    batch, seq, heads, dim = q.shape
+    grouped = q.reshape(batch, seq, k.shape[2], heads // k.shape[2], dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", grouped, k, preferred_element_type=jnp.float32) * cfg.attention_scale
+    scores = jnp.where(mask[:, :, None], cap * jnp.tanh(scores / cap), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", weights, v).reshape(batch, seq, heads, dim)
+
+
+def _write_cache(k, v, layer_cache, index):
+    """The layer's cache with ``k``/``v`` written at ``index`` (all slots), and the new entries alone.
+
+    The new entries are cast to the cache's dtype: the decoder writes every layer's into the
+    stacked cache at once, so that a decoding step does not copy the whole cache.
     """
     k, v = k.astype(layer_cache["k"].dtype), v.astype(layer_cache["v"].dtype)
     k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k, index, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v, index, axis=1)
-    out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
-    return out, {"k": k, "v": v}
+    return k_all, v_all, {"k": k, "v": v}
 
 
 def _real_tokens(input_ids, attention_mask):
@@ -362,12 +230,13 @@ def _positions_from(real, start):
     return jnp.where(real, start[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
 
 
-def _cached_step(cache, real, positions, window: int | None, seq: int):
-    """The cache's ``mask``/``position`` after ``seq`` tokens, their positions, and their attention mask.
+def _cached_step(cache, real, positions, windows, seq: int):
+    """The cache's ``mask``/``position`` after ``seq`` tokens, their positions, and an attention mask per window.
 
     A query at slot ``i`` sees the real keys at slots ``<= i`` (and, with a
-    ``window``, ``> i - window``: the window counts slots, as Hugging Face's
-    mask over its cache does, so a padded row's window may hold masked pads).
+    window ``w`` of ``windows``, ``> i - w``: the window counts slots, as
+    Hugging Face's mask over its cache does, so a padded row's window may
+    hold masked pads). Returns ``(state, positions, {window: mask})``.
     """
     batch, slots = cache["mask"].shape
     real = jnp.ones((batch, seq), bool) if real is None else real
@@ -376,78 +245,104 @@ def _cached_step(cache, real, positions, window: int | None, seq: int):
         positions = _positions_from(real, cache["position"])
     query = (cache["index"] + jnp.arange(seq))[:, None]
     key = jnp.arange(slots)[None, :]
-    allowed = key <= query
-    if window is not None:
-        allowed = allowed & (key > query - window)
-    mask = allowed[None, None] & valid[:, None, None, :]
+    masks = {w: _window_mask(query, key, w)[None, None] & valid[:, None, None, :] for w in windows}
     state = {"index": cache["index"] + seq, "mask": valid,
              "position": cache["position"] + jnp.sum(real, axis=1, dtype=jnp.int32)}
-    return state, positions, mask
+    return state, positions, masks
 
 
 def _heads(cfg: DecoderConfig, x, heads: int, norm_name: str | None):
     """``x`` ``[batch, seq, heads * head_dim]`` split into heads, each RMS-normalised when ``cfg.qk_norm``."""
     x = x.reshape(*x.shape[:2], heads, cfg.head_dim)
-    return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=norm_name)(x) if norm_name and cfg.qk_norm else x
+    return _norm(cfg, norm_name)(x) if norm_name and cfg.qk_norm else x
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary positions; the biases, q/k norm and window come from the config."""
+    """Grouped-query self-attention with rotary positions; biases, norms, window and scaling come from the config.
+
+    ``layer`` is the layer's index: it picks the window and rotary settings (``config.layer_attention``).
+    """
 
     config: DecoderConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, layer_cache=None, index=None, mask=None):
         cfg = self.config
         batch, seq, _ = x.shape
-        q, k, v = _project(cfg, x, [_dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", cfg, cfg.attention_bias),
-                                    _dense(cfg.kv_heads * cfg.head_dim, "k_proj", cfg, cfg.attention_bias),
-                                    _dense(cfg.kv_heads * cfg.head_dim, "v_proj", cfg, cfg.attention_bias)])
-        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q, k, v = self._qkv(x)
+        window, theta, scaling = cfg.layer_attention(self.layer)
+        inv_freq = inverse_frequencies(cfg.rotary_dim, theta, scaling)
         q = rotary(_heads(cfg, q, cfg.num_attention_heads, "q_norm"), positions, inv_freq)
         k = rotary(_heads(cfg, k, cfg.kv_heads, "k_norm"), positions, inv_freq)
         v = _heads(cfg, v, cfg.kv_heads, None)
-        if layer_cache is None:
+        if layer_cache is not None:
+            k_all, v_all, layer_cache = _write_cache(k, v, layer_cache, index)
+            out = _attend(cfg, q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        elif cfg.attn_logit_softcapping is not None:
+            slots = jnp.arange(seq)
+            causal = _window_mask(slots[:, None], slots[None, :], window)[None, None]
+            out = _attend(cfg, q, k, v, causal if mask is None else causal & mask)
+        else:
             # HF's window of W positions is the query and the W - 1 before it: jax's (left, right) = (W - 1, 0).
-            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
             # ``mask`` (padding) is ANDed with the causal and window masks.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window,
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=cfg.attention_scale,
+                                               local_window_size=None if window is None else (window - 1, 0),
                                                implementation=attention_implementation(cfg, q.dtype,
                                                                                        padded=mask is not None))
-        else:
-            out, layer_cache = _attend_cached(q, k, v, layer_cache, index, mask)
         out = _dense(cfg.hidden_size, "o_proj", cfg, cfg.o_proj_bias)(out.reshape(batch, seq, -1))
         return out, layer_cache
 
+    def _qkv(self, x):
+        cfg = self.config
+        sizes = (cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+        if cfg.fused_modules:
+            qkv = _dense(sum(sizes), "qkv_proj", cfg, cfg.attention_bias)(x)
+            return jnp.split(qkv, [sizes[0], sizes[0] + sizes[1]], axis=-1)
+        return _project(cfg, x, [_dense(size, name, cfg, cfg.attention_bias)
+                                 for size, name in zip(sizes, ("q_proj", "k_proj", "v_proj"))])
+
 
 class MLP(nn.Module):
-    """The SwiGLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    """The gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU; GeGLU with a GELU ``hidden_act``)."""
 
     config: DecoderConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate, up = _project(cfg, x, [_dense(cfg.intermediate_size, "gate_proj", cfg, cfg.mlp_bias),
-                                     _dense(cfg.intermediate_size, "up_proj", cfg, cfg.mlp_bias)])
-        return _dense(cfg.hidden_size, "down_proj", cfg, cfg.mlp_bias)(nn.silu(gate) * up)
+        if cfg.fused_modules:
+            gate, up = jnp.split(_dense(2 * cfg.intermediate_size, "gate_up_proj", cfg, cfg.mlp_bias)(x), 2, axis=-1)
+        else:
+            gate, up = _project(cfg, x, [_dense(cfg.intermediate_size, "gate_proj", cfg, cfg.mlp_bias),
+                                         _dense(cfg.intermediate_size, "up_proj", cfg, cfg.mlp_bias)])
+        return _dense(cfg.hidden_size, "down_proj", cfg, cfg.mlp_bias)(ACTIVATIONS[cfg.hidden_act](gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """One pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    With ``config.sandwich_norms`` the attention's and the MLP's outputs are
+    normalised too before they are added (Gemma 2/3; the norms then carry
+    Gemma's four names).
+    """
 
     config: DecoderConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, layer_cache=None, index=None, mask=None):
         cfg = self.config
         if cfg.activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, cfg.activation_sharding)
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-        h, layer_cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), positions, layer_cache, index,
-                                                          mask)
-        x = x + h
-        return x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x)), layer_cache
+        h, layer_cache = Attention(cfg, self.layer, name="self_attn")(_norm(cfg, "input_layernorm")(x), positions,
+                                                                      layer_cache, index, mask)
+        if not cfg.sandwich_norms:
+            x = x + h
+            return x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x)), layer_cache
+        x = x + _norm(cfg, "post_attention_layernorm")(h)
+        h = MLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(x))
+        return x + _norm(cfg, "post_feedforward_layernorm")(h), layer_cache
 
 
 class _ScannedDecoderLayer(DecoderLayer):
@@ -483,33 +378,40 @@ class Decoder(nn.Module):
                                   length=cfg.num_hidden_layers)(cfg)
         else:
             layer = _remat(DecoderLayer, cfg)
-            self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+            self.layers = [layer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = _norm(cfg)
 
     def __call__(self, input_ids, positions=None, cache=None, attention_mask=None):
+        cfg = self.config
         real = _real_tokens(input_ids, attention_mask)
-        index, mask, state = None, None, {}
+        index, state = None, {}
         if cache is not None:
             index = cache["index"]
-            state, positions, mask = _cached_step(cache, real, positions, self.config.sliding_window,
-                                                  input_ids.shape[-1])
-        elif positions is None:
-            zeros = jnp.zeros(input_ids.shape[:1], jnp.int32)
-            positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape) if real is None
-                         else _positions_from(real, zeros))
-        if cache is None and real is not None:
-            mask = real[:, None, None, :]
-        x, layers_cache = self._layers(self.embed_tokens(input_ids), positions, cache, index, mask)
+            windows = {cfg.layer_attention(i)[0] for i in range(cfg.num_hidden_layers)}
+            state, positions, masks = _cached_step(cache, real, positions, windows, input_ids.shape[-1])
+            mask_of = lambda layer: masks[cfg.layer_attention(layer)[0]]
+        else:
+            if positions is None:
+                zeros = jnp.zeros(input_ids.shape[:1], jnp.int32)
+                positions = (jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape) if real is None
+                             else _positions_from(real, zeros))
+            # Padding only: each layer adds its causal window.
+            mask_of = lambda layer: None if real is None else real[:, None, None, :]
+        x = self.embed_tokens(input_ids)
+        if cfg.scale_embeddings:
+            # As transformers: sqrt(hidden) as a float32 scalar, rounded to the embeddings' dtype.
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, jnp.float32).astype(x.dtype)
+        x, layers_cache = self._layers(x, positions, cache, index, mask_of)
         return self.norm(x), None if cache is None else {**layers_cache, **state}
 
-    def _layers(self, x, positions, cache, index, mask):
+    def _layers(self, x, positions, cache, index, mask_of):
         layers_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        if self.config.scan_layers:
-            x, new = self.layers(x, layers_cache, positions, index, mask)
+        if self.config.scan_layers:     # every layer alike (DecoderConfig checks): one mask
+            x, new = self.layers(x, layers_cache, positions, index, mask_of(0))
         else:
             updated = []
             for i, layer in enumerate(self.layers):
-                x, layer_new = layer(x, positions, jax.tree.map(lambda c: c[i], layers_cache), index, mask)
+                x, layer_new = layer(x, positions, jax.tree.map(lambda c: c[i], layers_cache), index, mask_of(i))
                 updated.append(layer_new)
             new = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *updated)
         if cache is None:
@@ -587,8 +489,10 @@ class DecoderForCausalLM(nn.Module):
         return init_cache(self.config, batch, max_length, dtype)
 
     def logits(self, hidden):
-        """The output projection of final hidden states ``[..., hidden]``."""
-        return self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        """The output projection of final hidden states ``[..., hidden]``, soft-capped if the config says so."""
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def __call__(self, input_ids, positions=None, cache=None, labels=None, attention_mask=None):
         if labels is not None and cache is not None:

@@ -1,7 +1,7 @@
 """Text generation with a key/value cache: greedy or sampled, batched with padding, jitted end to end.
 
 Works with any linen causal LM that follows the cache protocol of
-:class:`lora_jax.models.decoder.DecoderForCausalLM` (Llama, Mistral, Qwen2, Qwen3):
+:class:`lora_jax.models.decoder.DecoderForCausalLM` (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3):
 ``module.init_cache(batch, max_length)`` returns an empty cache,
 ``module.apply(variables, ids, cache=cache)`` returns ``(logits, cache)``,
 and ``attention_mask=`` (Hugging Face's convention: 1 for a real token, 0 for

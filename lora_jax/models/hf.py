@@ -1,7 +1,7 @@
 """Hugging Face model folders: ``from_pretrained`` and ``save_pretrained``.
 
 ``config.json``'s ``model_type`` picks the architecture (:data:`ARCHITECTURES`:
-``llama``, ``mistral``, ``qwen2``, ``qwen3`` on the one decoder of
+``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3_text``, ``phi3`` on the one decoder of
 :mod:`lora_jax.models.decoder`, and ``gpt2`` with its own module,
 :mod:`lora_jax.models.gpt2`) through the record in its own file. A field
 that changes the computation is either honoured or refused with an error
@@ -30,37 +30,14 @@ import numpy as np
 from lora_jax.io import tensors as st
 from lora_jax.io.fields import ConfigFieldError, read_json
 from lora_jax.io.names import stack_layers, to_torch, unstack_layers
-from lora_jax.models import gpt2, llama, mistral, qwen
+from lora_jax.models import gemma, gpt2, llama, mistral, phi3, qwen
 from lora_jax.models.architecture import HfArchitecture
-from lora_jax.models.decoder import ROPE_TYPES, DecoderConfig, RopeScaling
+from lora_jax.models.decoder import DecoderConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 #: The architectures ``from_pretrained`` reads and ``save_pretrained`` writes, by ``model_type``.
-ARCHITECTURES: dict[str, HfArchitecture] = {a.model_type: a for a in (llama.HF, mistral.HF, qwen.QWEN2_HF,
-                                                                       qwen.QWEN3_HF, gpt2.HF)}
-
-
-def _rope_from_hf(hf: Mapping, where: str) -> tuple[Any, RopeScaling]:
-    """``(theta, scaling)`` from transformers 5's ``rope_parameters`` or 4's ``rope_theta``/``rope_scaling``."""
-    sources = {}
-    for key in ("rope_parameters", "rope_scaling"):
-        value = hf.get(key) or {}
-        if not isinstance(value, Mapping):
-            raise ConfigFieldError(f"{where}: field {key!r} must be an object, got {value!r}")
-        sources[key] = value
-    params, legacy = sources["rope_parameters"], sources["rope_scaling"]
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    source = params or legacy
-    rope_type = source.get("rope_type", source.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigFieldError(f"{where}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
-    partial = source.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ConfigFieldError(f"{where}: field 'partial_rotary_factor' is {partial!r}; rotating only part of each "
-                               f"head is not supported (only 1.0)")
-    fields = {k: source[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                     "original_max_position_embeddings") if k in source}
-    return theta, RopeScaling(rope_type, **fields)
+ARCHITECTURES: dict[str, HfArchitecture] = {a.model_type: a for a in (
+    llama.HF, mistral.HF, qwen.QWEN2_HF, qwen.QWEN3_HF, gemma.GEMMA2_HF, gemma.GEMMA3_HF, phi3.HF, gpt2.HF)}
 
 
 def _architecture(hf: Mapping, where: str) -> HfArchitecture:
@@ -74,9 +51,6 @@ def _architecture(hf: Mapping, where: str) -> HfArchitecture:
 
 def _check_common(hf: Mapping, where: str):
     """Refuses the shared fields whose other values we do not compute."""
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigFieldError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; the Llama family uses "
-                               f"'silu'")
     dropout = hf.get("attention_dropout") or 0.0
     if dropout != 0.0:
         raise ConfigFieldError(f"{where}: field 'attention_dropout' is {dropout!r}; dropout on the attention "
@@ -116,10 +90,10 @@ def config_from_hf(hf: Mapping, *, where: str = "config.json", **overrides):
         kwargs: dict[str, Any] = {k: hf.get(k, arch.defaults.get(k)) for k in arch.fields}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.update(arch.fixed)
+        if arch.family == "llama":
+            kwargs.update(arch.rope[0](hf, where))
         if arch.read is not None:
             kwargs.update(arch.read(hf, where))
-        if arch.family == "llama":
-            kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, where)
         kwargs.update(dtype=DTYPES.get(name), param_dtype=DTYPES.get(name))
         kwargs.update(overrides)
         return arch.config_class(**kwargs)
@@ -159,15 +133,9 @@ def config_to_hf(config) -> dict:
         if have[field] != want[field]:
             raise ValueError(f"{type(config).__name__}.{field}={have[field]!r} cannot be written as a Hugging Face "
                              f"{arch.model_type!r} config (that architecture has {field}={want[field]!r})")
-    hf = {"architectures": [arch.class_name], "model_type": arch.model_type,
-          **{k: getattr(config, k) for k in arch.fields}, **(arch.write(config) if arch.write else {}),
-          "dtype": jnp.dtype(config.param_dtype).name}
-    if arch.family == "llama":
-        rope: dict[str, Any] = {"rope_type": config.rope_scaling.rope_type, "rope_theta": config.rope_theta}
-        if config.rope_scaling.rope_type != "default":
-            rope.update({k: v for k, v in vars(config.rope_scaling).items() if k != "rope_type"})
-        hf.update(hidden_act="silu", rope_parameters=rope)
-    return hf
+    return {"architectures": [arch.class_name], "model_type": arch.model_type,
+            **{k: getattr(config, k) for k in arch.fields}, **(arch.rope[1](config) if arch.family == "llama" else {}),
+            **(arch.write(config) if arch.write else {}), "dtype": jnp.dtype(config.param_dtype).name}
 
 
 def _unscanned(config):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lora_jax.models.architecture import COMMON_FIELDS, HfArchitecture
+from lora_jax.models.architecture import COMMON_FIELDS, PLAIN, HfArchitecture
 from lora_jax.models.decoder import (ATTENTION_IMPLEMENTATIONS, IGNORE_INDEX, REMAT_POLICIES, ROPE_TYPES,
                                      DecoderConfig, DecoderForCausalLM, RMSNorm, RopeScaling, attention_implementation,
                                      causal_lm_loss, init_cache, inverse_frequencies, rotary)
@@ -49,4 +49,4 @@ class LlamaForCausalLM(DecoderForCausalLM):
 HF = HfArchitecture(
     model_type="llama", class_name="LlamaForCausalLM", config_class=LlamaConfig, module_class=LlamaForCausalLM,
     fields=COMMON_FIELDS + ("attention_bias", "mlp_bias"),
-    fixed={"attention_output_bias": None, "qk_norm": False, "sliding_window": None})
+    fixed={**PLAIN, "attention_output_bias": None, "qk_norm": False, "sliding_window": None})

@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from lora_jax.io.fields import ConfigFieldError
-from lora_jax.models.architecture import COMMON_FIELDS, HfArchitecture
+from lora_jax.models.architecture import COMMON_FIELDS, PLAIN, HfArchitecture, read_window, write_window
 from lora_jax.models.decoder import DecoderConfig, DecoderForCausalLM
 
 __all__ = ["MistralConfig", "MistralForCausalLM"]
@@ -46,18 +45,11 @@ class MistralForCausalLM(DecoderForCausalLM):
 
 def _read(hf: Mapping, where: str) -> dict:
     """``sliding_window``: absent means transformers' default, ``null`` means none."""
-    window = hf.get("sliding_window", HF_DEFAULT_SLIDING_WINDOW)
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ConfigFieldError(f"{where}: field 'sliding_window' must be a positive int or null, got {window!r}")
-    return {"sliding_window": window}
-
-
-def _write(config: DecoderConfig) -> dict:
-    return {"sliding_window": config.sliding_window}
+    return {"sliding_window": read_window(hf, where, HF_DEFAULT_SLIDING_WINDOW)}
 
 
 HF = HfArchitecture(
     model_type="mistral", class_name="MistralForCausalLM", config_class=MistralConfig,
     module_class=MistralForCausalLM, fields=COMMON_FIELDS,
-    fixed={"attention_bias": False, "attention_output_bias": None, "mlp_bias": False, "qk_norm": False},
-    defaults={"num_key_value_heads": 8}, read=_read, write=_write)
+    fixed={**PLAIN, "attention_bias": False, "attention_output_bias": None, "mlp_bias": False, "qk_norm": False},
+    defaults={"num_key_value_heads": 8}, read=_read, write=write_window)

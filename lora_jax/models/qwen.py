@@ -4,8 +4,9 @@ Qwen2 has biases on ``q_proj``/``k_proj``/``v_proj`` but not on ``o_proj``.
 Qwen3 has none by default (``attention_bias`` sets all four) and an RMSNorm
 over each query and key head before the rotation (``q_norm``, ``k_norm``),
 with an explicit ``head_dim``. Both can switch some layers to sliding-window
-attention (``use_sliding_window``, ``layer_types``); we compute full
-attention only, and refuse those settings by name rather than ignore them.
+attention: with ``use_sliding_window``, the layers ``layer_types`` names
+(or, without it, those from ``max_window_layers`` on) attend over
+``sliding_window`` positions; without it every layer attends fully.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import dataclasses
 from collections.abc import Mapping
 
 from lora_jax.io.fields import ConfigFieldError
-from lora_jax.models.architecture import COMMON_FIELDS, HfArchitecture
+from lora_jax.models.architecture import COMMON_FIELDS, PLAIN, HfArchitecture
 from lora_jax.models.decoder import DecoderConfig, DecoderForCausalLM
 
 __all__ = ["Qwen2Config", "Qwen2ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM"]
 
 #: transformers' ``Qwen3Config.head_dim`` when ``config.json`` has no such key.
 HF_DEFAULT_QWEN3_HEAD_DIM = 128
+#: transformers' ``sliding_window`` and ``max_window_layers`` (Qwen2 and Qwen3) when ``config.json`` has none.
+HF_DEFAULT_SLIDING_WINDOW = 4096
+HF_DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,34 +76,48 @@ class Qwen3ForCausalLM(DecoderForCausalLM):
 
 
 def _read(hf: Mapping, where: str) -> dict:
-    """Refuses sliding-window layers; their window and layer count then do not matter."""
-    if hf.get("use_sliding_window"):
-        raise ConfigFieldError(f"{where}: field 'use_sliding_window' is {hf['use_sliding_window']!r}; sliding-window "
-                               f"layers of {hf.get('model_type')} are not supported (only full attention)")
-    layer_types = hf.get("layer_types")
-    if layer_types is not None:
-        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
-            raise ConfigFieldError(f"{where}: field 'layer_types' must list only 'full_attention' layers (other "
-                                   f"attention types are not supported), got {layer_types!r}")
-    return {}
+    """Sliding-window layers as transformers reads them: only with ``use_sliding_window``, per ``layer_types``.
+
+    Without ``layer_types`` the layers from ``max_window_layers`` on slide.
+    """
+    use = hf.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise ConfigFieldError(f"{where}: field 'use_sliding_window' must be a bool, got {use!r}")
+    window = hf.get("sliding_window", HF_DEFAULT_SLIDING_WINDOW) if use else None
+    if window is None:   # transformers then gives every layer full attention, whatever layer_types says
+        return {"sliding_window": None, "layer_types": None}
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", HF_DEFAULT_MAX_WINDOW_LAYERS)
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ConfigFieldError(f"{where}: field 'max_window_layers' must be a non-negative int, got {first!r}")
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
+    if not isinstance(types, list):
+        raise ConfigFieldError(f"{where}: field 'layer_types' must be a list, got {types!r}")
+    return {"sliding_window": window, "layer_types": tuple(types)}
 
 
 def _write(config: DecoderConfig) -> dict:
-    # max_window_layers only matters with use_sliding_window, so it is not written: a merged model keeps the
-    # base folder's value (lora-jax merge carries over the keys save_pretrained does not write).
-    return {"use_sliding_window": False, "sliding_window": None,
-            "layer_types": ["full_attention"] * config.num_hidden_layers}
+    # max_window_layers is not written (layer_types says the same): a merged model keeps the base folder's
+    # value (lora-jax merge carries over the keys save_pretrained does not write).
+    types = ["sliding_attention" if config.is_sliding(i) else "full_attention"
+             for i in range(config.num_hidden_layers)]
+    use = "sliding_attention" in types
+    return {"use_sliding_window": use, "sliding_window": config.sliding_window if use else None,
+            "layer_types": types}
 
+
+#: Qwen reads layer_types; the decoder's other Gemma/Phi-3 features stay off.
+_PLAIN = {k: v for k, v in PLAIN.items() if k != "layer_types"}
 
 QWEN2_HF = HfArchitecture(
     model_type="qwen2", class_name="Qwen2ForCausalLM", config_class=Qwen2Config, module_class=Qwen2ForCausalLM,
     fields=COMMON_FIELDS,
-    fixed={"attention_bias": True, "attention_output_bias": False, "mlp_bias": False, "qk_norm": False,
-           "sliding_window": None},
+    fixed={**_PLAIN, "attention_bias": True, "attention_output_bias": False, "mlp_bias": False, "qk_norm": False},
     read=_read, write=_write)
 
 QWEN3_HF = HfArchitecture(
     model_type="qwen3", class_name="Qwen3ForCausalLM", config_class=Qwen3Config, module_class=Qwen3ForCausalLM,
     fields=COMMON_FIELDS + ("attention_bias",),
-    fixed={"attention_output_bias": None, "mlp_bias": False, "qk_norm": True, "sliding_window": None},
+    fixed={**_PLAIN, "attention_output_bias": None, "mlp_bias": False, "qk_norm": True},
     defaults={"head_dim": HF_DEFAULT_QWEN3_HEAD_DIM}, read=_read, write=_write)
