@@ -33,10 +33,14 @@ ZOO = os.path.join(os.path.dirname(__file__), "fixtures", "zoo")
 CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
            "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
            "gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
-           "phi3": (Phi3Config, Phi3ForCausalLM)}
+           "phi3": (Phi3Config, Phi3ForCausalLM), "qwen2_window": (Qwen2Config, Qwen2ForCausalLM)}
 ARCHS = list(CLASSES)
+#: the model_type of the folders not named by theirs
+MODEL_TYPE = {"qwen2_window": "qwen2"}
 #: the architectures whose layers differ (sliding and full): not scanned (DecoderConfig refuses it)
-MIXED_LAYERS = ("gemma2", "gemma3_text")
+MIXED_LAYERS = ("gemma2", "gemma3_text", "qwen2_window")
+#: the architectures with four norms per layer (Gemma's sandwich norms)
+SANDWICH_NORMS = ("gemma2", "gemma3_text")
 #: the issue's bar for float32 agreement with PyTorch
 MAX_ABS = 1e-5
 PROMPT_LEN, MAX_NEW_TOKENS = 5, 8
@@ -94,14 +98,15 @@ def test_folder_is_read_as_its_architecture(zoo):
                 "gemma2": (16, ["k_proj", "o_proj", "q_proj", "v_proj"], False, False, (4, None)),
                 "gemma3_text": (16, ["k_norm", "k_proj", "o_proj", "q_norm", "q_proj", "v_proj"], False, False,
                                 (4, None)),
-                "phi3": (8, ["o_proj", "qkv_proj"], False, False, (5, 5))}[arch]
+                "phi3": (8, ["o_proj", "qkv_proj"], False, False, (5, 5)),
+                "qwen2_window": (8, ["k_proj", "o_proj", "q_proj", "v_proj"], True, False, (None, 4, 4))}[arch]
     first = attn["qkv_proj" if "qkv_proj" in attn else "q_proj"]
     assert (cfg.head_dim, sorted(attn), "bias" in first, "bias" in attn["o_proj"], windows) == expected
     assert sorted(layer["mlp"]) == (["down_proj", "gate_up_proj"] if arch == "phi3"
                                     else ["down_proj", "gate_proj", "up_proj"])
     norms = sorted(k for k in layer if k.endswith("layernorm"))
     assert norms == (["input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm",
-                      "pre_feedforward_layernorm"] if arch in MIXED_LAYERS
+                      "pre_feedforward_layernorm"] if arch in SANDWICH_NORMS
                      else ["input_layernorm", "post_attention_layernorm"])
     # the tied Qwen2 and Gemma have no head of their own
     assert ("lm_head" in z.params) == (arch not in ("qwen2", "gemma2", "gemma3_text"))
@@ -154,7 +159,7 @@ def test_save_pretrained_round_trip(zoo, ref, tmp_path):
         written = json.load(f)
     with open(os.path.join(ZOO, arch, "config.json")) as f:
         original = json.load(f)
-    assert written["model_type"] == arch and written["architectures"] == original["architectures"]
+    assert written["model_type"] == MODEL_TYPE.get(arch, arch) and written["architectures"] == original["architectures"]
     for key in set(written) & set(original) - {"transformers_version", "max_window_layers"}:
         assert written[key] == original[key], key
     assert set(st.read_folder(str(tmp_path), show_progress=False)) == \
