@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import lora_apply, merge
+from lora_jax.io import load_peft
 from lora_jax.models import from_pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -56,3 +60,34 @@ def assert_logits_match(actual, expected, what: str):
     err = float(np.max(np.abs(actual - expected)))
     assert err <= MAX_ABS, f"{what}: max abs logit difference {err:.3g} > {MAX_ABS}"
     assert_close(actual, expected, np.float32, what=what)
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, loaded (the file is closed)."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A Hugging Face model folder, a PEFT adapter on it, and their logits on ``ids``: computed once per module."""
+
+    module: object
+    params: dict
+    adapter: object
+    merged: dict
+    logits: np.ndarray
+    unmerged: np.ndarray
+    merged_logits: np.ndarray
+
+    @classmethod
+    def of(cls, model_dir: str, adapter_dir: str, ids) -> "Loaded":
+        """Reads both folders; the logits are the base's, the adapter's unmerged and the merged model's."""
+        module, params = from_pretrained(model_dir, show_progress=False)
+        adapter = load_peft(adapter_dir)
+        ids = jnp.asarray(ids)
+        base = jax.jit(lambda p, ids: module.apply({"params": p}, ids))
+        adapted = jax.jit(lora_apply(module, adapter.config))
+        merged = merge(params, adapter.lora_params, adapter.config)
+        return cls(module, params, adapter, merged, np.asarray(base(params, ids)),
+                   np.asarray(adapted(params, adapter.lora_params, ids)), np.asarray(base(merged, ids)))

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import LoraConfig, init_lora, lora_apply, merge
+from lora_jax import LoraConfig, init_lora, lora_apply
 from lora_jax.io import load_peft, save_peft
 from lora_jax.io import tensors as st
 from lora_jax.io.fields import ConfigFieldError
 from lora_jax.io.peft import UnsupportedAdapterError
 from lora_jax.models import GPT2Config, GPT2LMHeadModel, from_pretrained, generate, save_pretrained
 from lora_jax.models.hf import config_from_hf
+from tests.fixtures_data import Loaded, read_npz
 from tests.tolerances import assert_close
 
 ZOO = os.path.join(os.path.dirname(__file__), "fixtures", "zoo")
@@ -34,33 +35,12 @@ PROMPT_LEN, MAX_NEW_TOKENS = 5, 8
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
-    with np.load(os.path.join(ZOO, "gpt2_reference.npz")) as z:
-        return {k: z[k] for k in z.files}
-
-
-@dataclasses.dataclass
-class Gpt2:
-    """The model, its adapter and their logits, computed once."""
-
-    module: GPT2LMHeadModel
-    params: dict
-    adapter: object
-    merged: dict
-    logits: np.ndarray
-    unmerged: np.ndarray
-    merged_logits: np.ndarray
+    return read_npz(os.path.join(ZOO, "gpt2_reference.npz"))
 
 
 @pytest.fixture(scope="module")
-def g(ref) -> Gpt2:
-    module, params = from_pretrained(MODEL, show_progress=False)
-    adapter = load_peft(ADAPTER)
-    ids = jnp.asarray(ref["input_ids"])
-    base = jax.jit(lambda p, ids: module.apply({"params": p}, ids))
-    adapted = jax.jit(lora_apply(module, adapter.config))
-    merged = merge(params, adapter.lora_params, adapter.config)
-    return Gpt2(module, params, adapter, merged, np.asarray(base(params, ids)),
-                np.asarray(adapted(params, adapter.lora_params, ids)), np.asarray(base(merged, ids)))
+def g(ref) -> Loaded:
+    return Loaded.of(MODEL, ADAPTER, ref["input_ids"])
 
 
 def max_diff(actual, expected) -> float:

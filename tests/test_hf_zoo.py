@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora_apply, merge, quant
+from lora_jax import lora_apply, quant
 from lora_jax.io import load_peft, save_peft
 from lora_jax.io import tensors as st
 from lora_jax.io.fields import ConfigFieldError
@@ -27,6 +27,7 @@ from lora_jax.models import (DecoderConfig, Gemma2Config, Gemma2ForCausalLM, Gem
                              from_pretrained, generate, save_pretrained)
 from lora_jax.models.hf import config_from_hf, config_to_hf
 from lora_jax.sharding import base_shardings, make_mesh
+from tests.fixtures_data import Loaded, read_npz
 from tests.tolerances import assert_close
 
 ZOO = os.path.join(os.path.dirname(__file__), "fixtures", "zoo")
@@ -48,34 +49,13 @@ PROMPT_LEN, MAX_NEW_TOKENS = 5, 8
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
-    with np.load(os.path.join(ZOO, "reference.npz")) as z:
-        return {k: z[k] for k in z.files}
-
-
-@dataclasses.dataclass
-class Zoo:
-    """One architecture's model, adapter and logits, computed once."""
-
-    module: object
-    params: dict
-    adapter: object
-    merged: dict
-    logits: np.ndarray
-    unmerged: np.ndarray
-    merged_logits: np.ndarray
+    return read_npz(os.path.join(ZOO, "reference.npz"))
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def zoo(request, ref) -> tuple[str, Zoo]:
+def zoo(request, ref) -> tuple[str, Loaded]:
     arch = request.param
-    module, params = from_pretrained(os.path.join(ZOO, arch), show_progress=False)
-    adapter = load_peft(os.path.join(ZOO, "adapters", arch))
-    ids = jnp.asarray(ref["input_ids"])
-    base = jax.jit(lambda p, ids: module.apply({"params": p}, ids))
-    adapted = jax.jit(lora_apply(module, adapter.config))
-    merged = merge(params, adapter.lora_params, adapter.config)
-    return arch, Zoo(module, params, adapter, merged, np.asarray(base(params, ids)),
-                     np.asarray(adapted(params, adapter.lora_params, ids)), np.asarray(base(merged, ids)))
+    return arch, Loaded.of(os.path.join(ZOO, arch), os.path.join(ZOO, "adapters", arch), ref["input_ids"])
 
 
 def assert_matches_torch(actual, expected, what: str):
