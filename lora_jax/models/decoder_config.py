@@ -94,8 +94,11 @@ class DecoderConfig:
     The architectures differ only in these fields (their config classes,
     :class:`~lora_jax.models.llama.LlamaConfig`,
     :class:`~lora_jax.models.mistral.MistralConfig`,
-    :class:`~lora_jax.models.qwen.Qwen2Config` and
-    :class:`~lora_jax.models.qwen.Qwen3Config`, set their defaults):
+    :class:`~lora_jax.models.qwen.Qwen2Config`,
+    :class:`~lora_jax.models.qwen.Qwen3Config`,
+    :class:`~lora_jax.models.gemma.Gemma2Config`,
+    :class:`~lora_jax.models.gemma.Gemma3TextConfig` and
+    :class:`~lora_jax.models.phi3.Phi3Config`, set their defaults):
 
     * ``attention_bias``: a bias on ``q_proj``, ``k_proj``, ``v_proj`` and
       ``o_proj``; ``attention_output_bias`` overrides it for ``o_proj``
