@@ -2,8 +2,8 @@
 
 :mod:`lora_jax.models.hf` reads and writes ``config.json`` and the weights
 through these records; the architecture files (``llama.py``, ``mistral.py``,
-``qwen.py`` on the shared decoder, ``gpt2.py`` with its own module) hold one
-each, so a Hugging Face field name lives beside the architecture that has it
+``qwen.py``, ``gemma.py``, ``phi3.py`` on the shared decoder, ``gpt2.py``
+with its own module) hold one each, so a Hugging Face field name lives beside the architecture that has it
 and nowhere in the models.
 """
 

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from lora_jax.io.fields import ConfigFieldError
-from lora_jax.models.architecture import COMMON_FIELDS, PLAIN, HfArchitecture
+from lora_jax.models.architecture import COMMON_FIELDS, PLAIN, HfArchitecture, read_window
 from lora_jax.models.decoder import DecoderConfig, DecoderForCausalLM
 
 __all__ = ["Qwen2Config", "Qwen2ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM"]
@@ -83,7 +83,7 @@ def _read(hf: Mapping, where: str) -> dict:
     use = hf.get("use_sliding_window", False)
     if not isinstance(use, bool):
         raise ConfigFieldError(f"{where}: field 'use_sliding_window' must be a bool, got {use!r}")
-    window = hf.get("sliding_window", HF_DEFAULT_SLIDING_WINDOW) if use else None
+    window = read_window(hf, where, HF_DEFAULT_SLIDING_WINDOW) if use else None
     if window is None:   # transformers then gives every layer full attention, whatever layer_types says
         return {"sliding_window": None, "layer_types": None}
     types = hf.get("layer_types")
